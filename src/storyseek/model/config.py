@@ -38,7 +38,7 @@ class ModelConfig:
     score_func: str = "sigmoid"  # "sigmoid" (DeepSeek-V3) or "softmax" (DeepSeek-V2)
     route_scale: float = 1.0  # routed_scaling_factor
     bias_update_speed: float = 1e-3  # gamma of the auxiliary-loss-free bias rule (0 disables)
-    aux_loss_alpha: float = 0.0  # weight of the balance loss (V3 uses 1e-4 next to the bias rule)
+    aux_loss_alpha: float = 1e-4  # weight of the balance loss (V3: 1e-4, "just to avoid extreme imbalance")
     aux_loss_type: str = "sequence"  # "sequence" (V3 eq. 17-20) or "batch" (V2, and V3's ablation)
     # Multi-Token Prediction (DeepSeek-V3 section 2.2)
     mtp_depth: int = 1  # D: extra tokens predicted; 1 means the model predicts the next 2 tokens

@@ -1,0 +1,120 @@
+"""DeepSeekMoE: shared experts for every token plus top-k routed experts (DeepSeek-V3 eq. 12-16).
+
+    h' = u + sum_{shared} FFN_s(u) + sum_{i in TopK(s + b)} g_i FFN_i(u)
+    s_i = sigmoid(u . e_i)  (V3)  or  softmax_i(u . e)  (V2)
+    g_i = s_i / sum_{j in TopK} s_j  (sigmoid only)  x  route_scale
+
+The bias b steers *which* experts are chosen, never how much they weigh. It is not learned by
+gradients: after each optimizer step, b_i += gamma * sign(mean load - load_i) (V3 section 2.1.2,
+auxiliary-loss-free balancing). An optional balance loss alpha * sum_i f_i P_i (V3 eq. 17-20) can
+be added on top, per sequence (V3) or per batch (V2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward, w2(silu(w1 x) * w3 x): the dense FFN, each expert and the shared expert."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate_proj
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down_proj
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """The router. Its weight and the balancing bias stay fp32, as DeepSeek-V3 keeps them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk = cfg.n_activated_experts
+        self.score_func = cfg.score_func
+        self.route_scale = cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.n_embd))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))  # e_score_correction_bias
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [N, D] -> gate weights [N, k], expert indices [N, k], scores [N, E] (fp32)."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        indices = (scores + self.bias).topk(self.topk, dim=-1).indices  # the bias only selects
+        weights = scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)  # norm_topk_prob
+        return weights * self.route_scale, indices, scores
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.topk = cfg.n_activated_experts
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.aux_loss_type = cfg.aux_loss_type
+        self.bias_update_speed = cfg.bias_update_speed
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.n_embd, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (MLP(cfg.n_embd, cfg.n_shared_experts * cfg.moe_inter_dim)
+                               if cfg.n_shared_experts > 0 else None)
+        # Tokens routed to each expert since the last bias update (training only; not saved).
+        self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, T, D] -> (output [B, T, D], balance loss or None)."""
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)  # [N, D]
+        weights, indices, scores = self.gate(flat)
+        # Group the N*k (token, expert) assignments by expert so each expert runs once, on its tokens.
+        flat_idx = indices.flatten()  # [N*k]
+        order = flat_idx.argsort(stable=True)
+        counts = torch.bincount(flat_idx, minlength=self.n_experts)  # [E]
+        token_of = order // self.topk  # token index of each sorted assignment
+        gate_of = weights.flatten()[order].unsqueeze(1)  # [N*k, 1]
+        out = torch.zeros_like(flat)
+        start = 0
+        for expert, n in zip(self.experts, counts.tolist()):
+            if n:
+                tok = token_of[start : start + n]
+                y = expert(flat[tok]) * gate_of[start : start + n]
+                out.index_add_(0, tok, y.to(out.dtype))
+                start += n
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        if self.training:
+            self.load += counts.to(self.load.dtype)
+        aux = self._balance_loss(scores, indices, B, T) if self.training and self.aux_loss_alpha > 0 else None
+        return out.view(B, T, D), aux
+
+    def _balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """alpha * sum_i f_i P_i, with f_i = E/(k T) * #tokens routed to i and P_i = mean normalized score.
+
+        Sequence-wise (V3 eq. 17-20) averages it over the sequences of the batch; batch-wise (V2)
+        treats the whole batch as one sequence.
+        """
+        groups = B if self.aux_loss_type == "sequence" else 1
+        probs = (scores / scores.sum(dim=-1, keepdim=True)).view(groups, -1, self.n_experts)  # [G, L, E]
+        chosen = F.one_hot(indices, self.n_experts).sum(dim=1).view(groups, -1, self.n_experts).float()
+        f = chosen.mean(dim=1) * (self.n_experts / self.topk)  # [G, E]
+        p = probs.mean(dim=1)  # [G, E]
+        return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing: b_i += gamma * sign(mean(load) - load_i), then reset counts.
+
+        `load` is this layer's token count per expert over the whole (global) batch; distributed
+        training all-reduces it first so every rank applies the same update.
+        """
+        self.gate.bias += self.bias_update_speed * torch.sign(load.mean() - load).to(self.gate.bias.dtype)
+        self.load.zero_()

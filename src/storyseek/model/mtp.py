@@ -1,0 +1,36 @@
+"""Multi-Token Prediction (DeepSeek-V3 section 2.2, eq. 21-25).
+
+Module k predicts token t+k+1 from position t, keeping the causal chain through the depths:
+
+    h'_k = eh_proj [ enorm(Emb(t_{i+k})) ; hnorm(h_{k-1}) ]     (embedding first, as DeepSeek's
+    h_k  = Block_k(h'_k)                                          checkpoints and transformers do)
+    P_k  = head(norm_k(h_k))
+
+h_0 is the main model's output after its final norm; the embedding and output head are shared with
+the main model. The block is always MoE, as in DeepSeek-V3 (transformers forces it too).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .block import Block
+from .config import ModelConfig
+from .norm import RMSNorm
+
+
+class MTPModule(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.block = Block(cfg, moe=True)
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)  # transformers: shared_head.norm
+
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache=None, pos=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h_prev, emb_next: [B, S, D] -> (h_k [B, S, D] before norm_k, balance loss or None)."""
+        x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        return self.block(x, cos, sin, cache, pos)

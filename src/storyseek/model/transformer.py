@@ -1,0 +1,159 @@
+"""The DeepSeek-V3-style language model: embedding, MLA + (dense | MoE) blocks, final norm, head, MTP.
+
+    logits, losses = model(idx, targets)          training / evaluation (causal, flash attention)
+    cache = model.new_cache(batch, max_len)       incremental decoding on the latent cache:
+    out = model(idx, cache=cache, pos=pos)        tokens idx [B, S] at absolute positions pos [B, S]
+    logits, h = model.mtp_step(...)               MTP drafts for self-speculative decoding
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .block import Block
+from .config import ModelConfig
+from .mla import LatentCache, rope_tables
+from .moe import Gate, MoE
+from .mtp import MTPModule
+from .norm import RMSNorm
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, vocab]: next-token logits
+    hidden: torch.Tensor  # [B, S, D]: final-norm hidden states (MTP's input h_0)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [B, T-k, vocab], predicts t+k+1
+    loss: torch.Tensor | None = None  # main + lambda * mtp + balance: what training minimizes
+    main_loss: torch.Tensor | None = None  # next-token cross-entropy (comparable across MTP settings)
+    mtp_loss: torch.Tensor | None = None  # mean over depths of the MTP cross-entropies
+    balance_loss: torch.Tensor | None = None  # sum over MoE layers of the auxiliary balance loss
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
+        cos, sin = rope_tables(cfg.qk_rope_head_dim, cfg.block_size, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [block_size, d_r/2]
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: residual output projections scaled by 1/sqrt(2 * n_layer) so the stream's variance
+        # does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        elif isinstance(module, Gate):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: LatentCache | None = None, pos: torch.Tensor | None = None) -> ModelOutput:
+        """idx: [B, S] token ids. targets: [B, S] the ids that follow (-1 = ignore), for the losses.
+
+        With `cache` and `pos` ([B, S] absolute positions), decode incrementally on the latent cache.
+        MTP runs only with targets (it needs the future tokens' embeddings); inference pays nothing.
+        """
+        B, S = idx.shape
+        if cache is None:
+            if S > self.cfg.block_size:
+                raise ValueError(f"sequence of {S} tokens exceeds block_size {self.cfg.block_size}")
+            cos, sin = self.rope_cos[:S].unsqueeze(0), self.rope_sin[:S].unsqueeze(0)  # [1, S, d_r/2]
+        else:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, S, d_r/2]
+        x = self.dropout(self.embed(idx))
+        balance = []
+        for i, layer in enumerate(self.layers):
+            x, aux = layer(x, cos, sin, self._layer_cache(cache, i), pos)
+            if aux is not None:
+                balance.append(aux)
+        h = self.norm(x)
+        out = ModelOutput(logits=self.head(h), hidden=h)
+        if targets is None:
+            return out
+
+        out.main_loss = _cross_entropy(out.logits, targets)
+        total = out.main_loss
+        if self.mtp:
+            if S <= len(self.mtp):
+                raise ValueError(f"MTP depth {len(self.mtp)} needs sequences longer than {S} tokens")
+            h_prev, losses = h, []
+            for k, module in enumerate(self.mtp, start=1):
+                # Position i of depth k sees tokens up to i + k and predicts token i + k + 1:
+                # targets[:, j] is token j + 1, so Emb(t_{i+k}) = Emb(targets[:, i + k - 1]).
+                n = S - k
+                h_k, aux = module(h_prev[:, :n], self.embed(targets[:, k - 1 : k - 1 + n]),
+                                  cos[:, :n], sin[:, :n])
+                if aux is not None:
+                    balance.append(aux)
+                logits_k = self.head(module.norm(h_k))  # [B, S-k, vocab]
+                out.mtp_logits.append(logits_k)
+                losses.append(_cross_entropy(logits_k, targets[:, k:]))
+                h_prev = h_k
+            out.mtp_loss = torch.stack(losses).mean()
+            total = total + self.cfg.mtp_lambda * out.mtp_loss
+        if balance:
+            out.balance_loss = torch.stack(balance).sum()
+            total = total + out.balance_loss
+        out.loss = total
+        return out
+
+    # ------------------------------------------------------------- decoding API
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> LatentCache:
+        """A preallocated latent cache for the main layers and the MTP modules."""
+        cfg = self.cfg
+        return LatentCache(cfg.n_layer + cfg.mtp_depth, batch, max_len or cfg.block_size, cfg.kv_lora_rank,
+                           cfg.qk_rope_head_dim, dtype=dtype or self.embed.weight.dtype, device=self.embed.weight.device)
+
+    def mtp_step(self, h_prev: torch.Tensor, next_idx: torch.Tensor, cache: LatentCache, pos: torch.Tensor,
+                 depth: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP depth on the cache: h_prev [B, S, D] (main final-norm hidden, or depth-1's h) at
+        positions pos [B, S], and next_idx [B, S] the tokens at pos + depth.
+        Returns (logits [B, S, vocab] for the tokens at pos + depth + 1, h_depth [B, S, D])."""
+        module = self.mtp[depth - 1]
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        h, _ = module(h_prev, self.embed(next_idx), cos, sin, self._layer_cache(cache, self.cfg.n_layer + depth - 1), pos)
+        return self.head(module.norm(h)), h
+
+    @staticmethod
+    def _layer_cache(cache: LatentCache | None, i: int):
+        return None if cache is None else (cache.kv[i], cache.pe[i])
+
+    # ------------------------------------------------------ MoE load balancing
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE layer, trunk first then MTP, in a fixed order (for logging and bias updates)."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
+
+    def expert_load(self) -> torch.Tensor:
+        """[n_moe_layers, n_experts] tokens routed to each expert since the last bias update."""
+        return torch.stack([moe.load for moe in self.moe_layers()])
+
+    def update_expert_bias(self, load: torch.Tensor | None = None) -> None:
+        """Apply the auxiliary-loss-free bias rule to every MoE layer and reset the counts.
+
+        `load` defaults to this process's counts; distributed training passes the all-reduced ones.
+        """
+        load = self.expert_load() if load is None else load
+        for moe, layer_load in zip(self.moe_layers(), load):
+            moe.update_bias(layer_load)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
