@@ -1,0 +1,75 @@
+"""Checkpoints: one self-contained file per save, written atomically, read without pickles.
+
+A checkpoint is a dict that `torch.load(..., weights_only=True)` accepts:
+
+    format          "storyseek-checkpoint"
+    version         CHECKPOINT_VERSION
+    model_config    ModelConfig.to_dict()
+    tokenizer       Tokenizer.to_dict(): generation needs nothing else
+    model           the model's state_dict (MoE biases included: they are buffers)
+    iter            optimizer steps taken
+    ... and whatever training adds (optimizer, RNG states, losses, its own config)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import StoryseekError
+from ..model import ModelConfig, Transformer
+
+CHECKPOINT_FORMAT = "storyseek-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Write `state` to a temporary file beside `path`, fsync it, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with `weights_only=True`; a clear StoryseekError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoryseekError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or a pickle with arbitrary objects
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StoryseekError(f"{path} is not a readable storyseek checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise StoryseekError(f"{path} is not a storyseek checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    if state.get("version", 0) > CHECKPOINT_VERSION:
+        raise StoryseekError(f"{path} was written by a newer storyseek (checkpoint version {state['version']}); upgrade storyseek")
+    return state
+
+
+def model_from_checkpoint(state: dict, device: str | torch.device = "cpu") -> Transformer:
+    """Rebuild the model a checkpoint describes and load its weights (strictly: every tensor must match)."""
+    cfg = ModelConfig.from_dict(state["model_config"])
+    model = Transformer(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise StoryseekError(f"checkpoint weights do not match its model config ({first})") from None
+    return model.to(device)
