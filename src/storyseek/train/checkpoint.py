@@ -54,8 +54,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or a pickle with arbitrary objects
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StoryseekError(f"{path} is not a readable storyseek checkpoint ({reason[:200]})") from None
+        reason = ("it holds Python objects that safe loading (weights_only) refuses"
+                  if "weights only" in str(e).lower() else "corrupt, truncated or not a PyTorch file")
+        raise StoryseekError(f"{path} is not a readable storyseek checkpoint: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise StoryseekError(f"{path} is not a storyseek checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     if state.get("version", 0) > CHECKPOINT_VERSION:
