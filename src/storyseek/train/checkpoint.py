@@ -47,8 +47,19 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint with `weights_only=True`; a clear StoryseekError for anything else."""
+    """Read a checkpoint with `weights_only=True`; a clear StoryseekError for anything else.
+
+    A directory is read as an exported Hugging Face DeepseekV3 model (`storyseek export`, or one
+    `transformers` saved) into the same dict: model_config, tokenizer, model, iter.
+    """
     path = Path(path)
+    if path.is_dir():
+        from .hf_checkpoint import is_hf_dir, load_hf_dir
+
+        if not is_hf_dir(path):
+            raise StoryseekError(f"{path} is a directory without config.json: "
+                                 "neither a checkpoint file nor an exported model directory")
+        return load_hf_dir(path)
     if not path.is_file():
         raise StoryseekError(f"checkpoint not found: {path}")
     try:
@@ -74,3 +85,17 @@ def model_from_checkpoint(state: dict, device: str | torch.device = "cpu") -> Tr
         first = str(e).splitlines()[0]
         raise StoryseekError(f"checkpoint weights do not match its model config ({first})") from None
     return model.to(device)
+
+
+def load_pretrained(path: str | Path) -> dict:
+    """Weights to start training from (`storyseek train --init-from PATH`), as a checkpoint-shaped
+    dict with at least model_config and model (and tokenizer when known).
+
+    Reads storyseek checkpoint files and exported Hugging Face DeepseekV3 directories (ours, or one
+    `transformers` saved): `load_checkpoint` handles both."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise StoryseekError(f"--init-from {path}: a directory without config.json; give a storyseek checkpoint "
+                             f"file (e.g. {path}/best_model.pt) or an exported model directory")
+    state = load_checkpoint(path)
+    return {k: state[k] for k in ("model_config", "model", "tokenizer") if k in state}

@@ -1,0 +1,173 @@
+"""TrainConfig: every knob of `storyseek train`, its presets, and config files (TOML / YAML).
+
+Precedence, lowest first: dataclass defaults < the preset's training values < the config file < flags.
+A config file may set any flag, training or model, by its flag name (`batch_size` or `batch-size`):
+
+    # tiny.toml
+    preset = "tiny"
+    batch_size = 16
+    n_layer = 2          # model fields go to the model config
+    multi_token = 1      # 1 disables MTP
+
+Model fields are kept apart (`TrainConfig.model`) as only the ones the user asked for, because the
+base they apply to is the preset for a fresh run but the checkpoint's config for --resume/--init-from.
+No torch import here: the CLI builds its flags from these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import StoryseekError
+from ..model.config import ModelConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Model-config fields renamed for the command line (the names users of the original project know);
+# value maps flag -> field. vocab_size comes from the data, block_size is a training flag too.
+MODEL_FLAG_ALIASES = {"moe_experts": "n_routed_experts", "multi_token": "mtp_depth"}
+_MODEL_NOT_FLAGS = ("vocab_size", "block_size")
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # a directory made by `storyseek prepare`
+    out: str = "out"
+    preset: str = "default"  # model preset (and its training defaults, TRAIN_PRESETS)
+    model: dict = field(default_factory=dict)  # model-config fields set explicitly (flags / file)
+    # batches: tokens per optimizer step = batch_size * block_size * grad_accum * world size
+    batch_size: int = 12
+    block_size: int | None = None  # training window; None: the model's context (block_size)
+    grad_accum: int = 1
+    # optimizer and schedule: AdamW, linear warmup, cosine decay to min_lr at lr_decay_iters
+    max_iters: int = 20000
+    max_minutes: float = 0.0  # > 0: stop after this much wall-clock time (then eval + final save)
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_iters: int = 2000
+    lr_decay_iters: int | None = None  # None: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    # evaluation, logging, checkpoints
+    eval_interval: int = 1000
+    eval_iters: int = 200
+    log_interval: int = 10  # progress-bar refresh (and the distributed stop check)
+    checkpoint_interval: int = 2500  # 0 disables ckpt_<iter>.pt (latest.pt is still kept at evals)
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "storyseek"
+    # system
+    device: str = "auto"  # auto: cuda if available, then mps, then cpu
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (see precision.resolve_dtype)
+    compile: bool = False
+    seed: int = 1337
+    resume: bool = False  # continue from OUT/latest.pt
+    init_from: str | None = None  # start from these weights (a storyseek checkpoint)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise StoryseekError(msg)
+
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v > 0, f"--{_flag(name)} must be a positive integer, got {v!r}")
+        for name in ("warmup_iters", "checkpoint_interval"):
+            need(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        need(self.block_size is None or self.block_size > 1, f"--block-size must be at least 2, got {self.block_size}")
+        need(self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}")
+        need(0 <= self.min_lr <= self.learning_rate, f"--min-lr must be between 0 and --learning-rate, got {self.min_lr}")
+        need(self.weight_decay >= 0 and self.grad_clip >= 0, "--weight-decay and --grad-clip must be >= 0")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)")
+        need(self.max_minutes >= 0, f"--max-minutes must be >= 0, got {self.max_minutes}")
+        need(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        need(not (self.resume and self.init_from), "--resume and --init-from exclude each other")
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.model) - model_fields)
+        need(not unknown, f"unknown model setting(s): {', '.join(unknown)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Training defaults per model preset: the default preset trains like the original project
+# (bs 12, lr 6e-4 -> 6e-5, warmup 2000, 20K iters); tiny is sized for a CPU in minutes.
+TRAIN_PRESETS: dict[str, dict] = {
+    "default": {},
+    "tiny": dict(batch_size=16, max_iters=2000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
+                 eval_interval=200, eval_iters=20, checkpoint_interval=1000),
+}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def model_flag_fields() -> list[tuple[str, dataclasses.Field]]:
+    """(flag name, ModelConfig field) for every model setting the command line exposes."""
+    renamed = {v: k for k, v in MODEL_FLAG_ALIASES.items()}
+    return [(_flag(renamed.get(f.name, f.name)), f) for f in dataclasses.fields(ModelConfig)
+            if f.name not in _MODEL_NOT_FLAGS]
+
+
+def load_config_file(path: str | Path) -> dict:
+    """A TOML (.toml) or YAML (.yaml/.yml) file of flag settings -> {name_with_underscores: value}."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoryseekError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise StoryseekError(f"config file {path}: use .toml, .yaml/.yml or .json")
+    except StoryseekError:
+        raise
+    except Exception as e:  # the parsers' own errors name the line
+        raise StoryseekError(f"config file {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise StoryseekError(f"config file {path}: expected a table of settings at the top level")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def build_train_config(values: dict, config_file: str | Path | None = None) -> TrainConfig:
+    """TrainConfig from explicitly given settings (`values`, e.g. the flags a user typed), on top of
+    the config file, on top of the preset's training defaults. Model settings go to `.model`."""
+    merged = {**(load_config_file(config_file) if config_file else {}), **values}
+    preset = merged.get("preset", TrainConfig.preset)
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)} - set(_MODEL_NOT_FLAGS)
+    train_values, model_values = dict(TRAIN_PRESETS.get(preset, {})), {}
+    for name, value in merged.items():
+        if name in MODEL_FLAG_ALIASES:
+            name, value = MODEL_FLAG_ALIASES[name], value
+            if name == "mtp_depth":  # --multi-token N predicts N tokens: MTP depth N - 1
+                if not isinstance(value, int) or value < 1:
+                    raise StoryseekError(f"--multi-token must be an integer >= 1 (1 disables MTP), got {value!r}")
+                value -= 1
+        if name in train_names:
+            train_values[name] = value
+        elif name in model_names:
+            model_values[name] = value
+        else:
+            raise StoryseekError(f"unknown setting {name!r}" + (f" in {config_file}" if config_file else ""))
+    try:
+        return TrainConfig(**train_values, model=model_values)
+    except TypeError as e:
+        raise StoryseekError(f"bad training setting: {e}") from None

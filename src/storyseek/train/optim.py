@@ -1,0 +1,35 @@
+"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine learning rate."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+
+
+def configure_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
+                        betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+    """Decay >= 2-D parameters (linears, embedding, router); never norms' gains. The router's
+    balancing bias is a buffer, not a parameter, so the optimizer never sees it.
+
+    Fused AdamW on GPUs (one kernel for all tensors), the foreach (multi-tensor) form elsewhere."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied head/embed appear once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    extra = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+
+def lr_at(it: int, learning_rate: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
+    """Linear warmup to learning_rate over warmup_iters, cosine decay to min_lr at decay_iters, then flat."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
