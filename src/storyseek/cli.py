@@ -80,6 +80,113 @@ def _add_prepare(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_train(sub) -> None:
+    from .train.config import DTYPES, model_flag_fields
+
+    p = sub.add_parser(
+        "train", help="train a model on a prepared data directory (resumable, multi-GPU with torchrun)",
+        description="Train on DIR (made by `storyseek prepare`) into OUT: console line and OUT/training_log.csv "
+        "per evaluation, best_model.pt / ckpt_<iter>.pt / final_model.pt / latest.pt, training_metrics.png. "
+        "Multi-GPU: torchrun --nproc_per_node N -m storyseek train ... "
+        "Settings may also come from --config FILE (TOML or YAML, flag names as keys); flags win.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--data", metavar="DIR", help="prepared data directory (train.bin, val.bin, meta.json)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: out)")
+    p.add_argument("--preset", choices=["default", "tiny"], help="model preset and its training defaults (default: default)")
+    p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (any flag; flags win)")
+    t = p.add_argument_group("training")
+    for flag, kind, text in (
+        ("batch-size", int, "sequences per micro-step per GPU (default 12; tiny 16)"),
+        ("block-size", int, "tokens per sequence: the model's context for a new model; for --resume/--init-from at "
+                            "most the checkpoint's"),
+        ("grad-accum", int, "micro-steps per optimizer step (default 1)"),
+        ("max-iters", int, "optimizer steps (default 20000; tiny 2000)"),
+        ("max-minutes", float, "stop cleanly after this many minutes: evaluate, write final_model.pt (default: no limit)"),
+        ("learning-rate", float, "peak learning rate (default 6e-4; tiny 1e-3)"),
+        ("min-lr", float, "learning rate at the end of the cosine decay (default 6e-5; tiny 1e-4)"),
+        ("warmup-iters", int, "linear warmup steps (default 2000; tiny 100)"),
+        ("lr-decay-iters", int, "steps of the cosine decay (default: --max-iters)"),
+        ("weight-decay", float, "AdamW weight decay on matrices (default 0.1)"),
+        ("beta1", float, "AdamW beta1 (default 0.9)"),
+        ("beta2", float, "AdamW beta2 (default 0.95)"),
+        ("grad-clip", float, "clip the gradient norm to this (default 1.0; 0 disables)"),
+        ("eval-interval", int, "evaluate, log and save latest.pt every N steps (default 1000; tiny 200)"),
+        ("eval-iters", int, "batches per evaluation and split (default 200; tiny 20)"),
+        ("log-interval", int, "progress-bar refresh every N steps (default 10)"),
+        ("checkpoint-interval", int, "write ckpt_<iter>.pt every N steps (default 2500; 0: never)"),
+        ("seed", int, "random seed (default 1337)"),
+        ("device", str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps (default: auto)"),
+        ("init-from", str, "start from the weights of this checkpoint (fine-tuning)"),
+        ("wandb-project", str, "W&B project (default: storyseek)"),
+    ):
+        t.add_argument(f"--{flag}", type=kind, help=text)
+    t.add_argument("--dtype", choices=DTYPES, help="auto (default): bf16 autocast on GPUs and CPUs with "
+                   "AVX512-BF16/AMX, fp16 + grad scaler on GPUs without bf16, else float32")
+    for flag, text in (("compile", "torch.compile the model"), ("resume", "continue from OUT/latest.pt"),
+                       ("tensorboard", "also log to OUT/tensorboard"), ("wandb", "also log to W&B (offline unless configured)")):
+        t.add_argument(f"--{flag}", action="store_const", const=True, help=text)
+    m = p.add_argument_group("model (default: the preset's; fixed by the checkpoint for --resume/--init-from)")
+    m.add_argument("--multi-token", type=int, help="tokens predicted per position: 2 = next token + 1 MTP depth "
+                   "(default 2); 1 disables MTP")
+    m.add_argument("--moe-experts", type=int, help="routed experts per MoE layer (default 4)")
+    for flag, f in model_flag_fields():
+        if flag in ("multi-token", "moe-experts"):
+            continue
+        if f.type in ("bool", bool):
+            m.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, help=f"(default {f.default})")
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            m.add_argument(f"--{flag}", type=kind, help=f"(default {f.default})")
+
+    def run(args):
+        from .train.config import build_train_config
+        from .train.loop import train
+
+        values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+        train(build_train_config(values, getattr(args, "config", None)))
+
+    p.set_defaults(func=run)
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="plot a training log: OUT/training_log.csv -> OUT/training_metrics.png")
+    p.add_argument("csv", metavar="CSV", help="the training_log.csv written by `storyseek train`")
+    p.add_argument("--out", metavar="PNG", help="image to write (default: training_metrics.png beside the CSV)")
+
+    def run(args):
+        from .train.metrics import plot_metrics
+
+        print(f"wrote {plot_metrics(args.csv, args.out)}")
+
+    p.set_defaults(func=run)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to a Hugging Face transformers DeepseekV3 model directory",
+        description="Write config.json, model.safetensors (MTP included), generation_config.json, tokenizer "
+        "files and a model card README.md to OUT, loadable with AutoModelForCausalLM / AutoTokenizer; "
+        "optionally upload OUT to the Hugging Face Hub.",
+    )
+    p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint file (e.g. out/ckpt.pt) or exported directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must be empty or absent)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--push-to-hub", metavar="USER/NAME", help="then upload OUT to this Hub model repository "
+                   "(token from HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+
+    def run(args):
+        if args.private and not args.push_to_hub:
+            p.error("--private only applies with --push-to-hub")
+        from .export.hf import export_model
+
+        export_model(args.model, args.out, push_to_hub=args.push_to_hub, private=args.private, force=args.force)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="storyseek",
@@ -91,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"storyseek {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_info, _add_prepare):
+    for add in (_add_info, _add_prepare, _add_train, _add_plot, _add_export):
         add(sub)
     return parser
 
