@@ -207,3 +207,22 @@ def test_cli_subprocess_usage_error_and_help():
     assert r.returncode == 2 and "invalid choice: 'xml'" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "storyseek", "prepare", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--val-fraction" in r.stdout and "--num-proc" in r.stdout
+
+
+def test_offline_hub_via_cli_names_offline_options(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    code, _, err = run_cli(capsys, "--tokenizer", "bpe:300", "--out", str(tmp_path / "o"))
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "cannot reach the Hugging Face Hub" in err and "--dataset builtin" in err and "--data-files" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_identical_whatever_num_proc(tmp_path):
+    outs = [prepare(PrepareConfig(dataset="builtin", max_docs=400, num_proc=n, out=str(tmp_path / f"n{n}"))) for n in (1, 3)]
+    for split in ("train", "val"):
+        assert np.array_equal(open_tokens(outs[0], split), open_tokens(outs[1], split))

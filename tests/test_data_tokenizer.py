@@ -101,3 +101,12 @@ def test_gpt2_unavailable_offline_says_how(monkeypatch):
 def test_load_tokenizer_missing(tmp_path):
     with pytest.raises(StoryseekError, match="storyseek prepare"):
         load_tokenizer(tmp_path)
+
+
+def test_from_dict_rejects_other_special_ids(gpt2):
+    d = gpt2.to_dict()
+    d["special_ids"] = {**d["special_ids"], "<|story|>": 7}
+    with pytest.raises(StoryseekError, match="special token ids differ"):
+        Tokenizer.from_dict(d)
+    with pytest.raises(StoryseekError, match="not a storyseek tokenizer"):
+        Tokenizer.from_dict({"spec": "bpe:300"})

@@ -37,7 +37,7 @@ from .tokenizer import BPETokenizer, GPT2Tokenizer, Tokenizer, parse_spec
 
 BUILTIN_DOCS = 20_000  # stories `--dataset builtin` generates when --max-docs is not given
 BLOCK_CHARS = 1 << 16
-BPE_TRAIN_CHARS = 50_000_000  # BPE merges stabilise long before this; training time stays ~linear
+BPE_TRAIN_CHARS = 10_000_000  # ~10 MB of text: plenty for merges of small vocabularies; training time is linear in it
 
 
 @dataclass
@@ -300,9 +300,14 @@ def _tokenize(blocks, tok: Tokenizer, writers: list[TokenWriter], threads: int, 
         writers[split].write(ids, ndocs)
         progress.update(ndocs, len(ids))
 
+    dtype = writers[0].dtype
+
+    def encode(text: str):
+        return tok.encode_array(text).astype(dtype, copy=False)
+
     with ThreadPoolExecutor(threads) as pool:
         for split, text, ndocs in blocks:
-            pending.append((split, ndocs, pool.submit(tok.encode_array, text)))
+            pending.append((split, ndocs, pool.submit(encode, text)))
             if len(pending) >= 2 * threads:
                 drain_one()
         while pending:

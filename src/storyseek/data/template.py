@@ -40,10 +40,11 @@ def normalize_text(s: str, lowercase: bool = False) -> str:
     """Body text: keep single newlines and one blank line between paragraphs, one space elsewhere."""
     lines: list[str] = []
     blank = False
-    # str.split() (C speed) collapses every kind of whitespace run; a regex pass per document costs
-    # ~5x more and this runs on every record.
     for line in _strip_specials(s).replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        line = " ".join(line.split())
+        # Most lines are already clean; the checks are C-speed scans, splitting allocates per word.
+        # isprintable() is False for every whitespace character except the plain space.
+        if "  " in line or not line.isprintable() or line[:1] == " " or line[-1:] == " ":
+            line = " ".join(line.split())
         if not line:
             blank = True
             continue

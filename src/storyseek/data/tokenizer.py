@@ -61,10 +61,14 @@ class Tokenizer:
     def from_dict(d: dict) -> Tokenizer:
         spec = d.get("spec", "")
         if spec == "gpt2":
-            return GPT2Tokenizer()
-        if _BPE_SPEC.fullmatch(spec) and "tokenizer_json" in d:
-            return BPETokenizer(d["tokenizer_json"], spec)
-        raise StoryseekError(f"not a storyseek tokenizer description (spec {spec!r})")
+            tok: Tokenizer = GPT2Tokenizer()
+        elif _BPE_SPEC.fullmatch(spec) and "tokenizer_json" in d:
+            tok = BPETokenizer(d["tokenizer_json"], spec)
+        else:
+            raise StoryseekError(f"not a storyseek tokenizer description (spec {spec!r})")
+        if d.get("special_ids", tok.special_ids) != tok.special_ids:
+            raise StoryseekError(f"tokenizer {spec}: special token ids differ from this storyseek version's template")
+        return tok
 
     def save(self, directory: str | Path) -> None:
         from .shards import write_atomic
