@@ -17,6 +17,8 @@ applied after the attention-weighted sum of latents ("absorbed" form, DeepSeek-V
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +59,13 @@ class LatentCache:
         self.max_len = max_len
         self.kv = torch.zeros(n_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device)
         self.pe = torch.zeros(n_layers, batch, max_len, rope_dim, dtype=dtype, device=device)
+
+    def narrow(self, row: int, n: int = 1) -> "LatentCache":
+        """A view of rows [row, row + n): writes through it land in this cache (re-prefilling one
+        sequence of a batch, e.g. when its window slides past the context)."""
+        view = copy.copy(self)
+        view.kv, view.pe = self.kv[:, row : row + n], self.pe[:, row : row + n]
+        return view
 
     def nbytes_per_token(self) -> int:
         """Bytes one sequence position occupies across all layers."""

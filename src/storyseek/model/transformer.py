@@ -64,10 +64,13 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: LatentCache | None = None, pos: torch.Tensor | None = None) -> ModelOutput:
+                cache: LatentCache | None = None, pos: torch.Tensor | None = None,
+                last_only: bool = False) -> ModelOutput:
         """idx: [B, S] token ids. targets: [B, S] the ids that follow (-1 = ignore), for the losses.
 
         With `cache` and `pos` ([B, S] absolute positions), decode incrementally on the latent cache.
+        `last_only` (inference): logits for the last position only, [B, 1, vocab]; a prefill then
+        skips S-1 rows of the vocab-sized head (hidden stays [B, S, D] for MTP).
         MTP runs only with targets (it needs the future tokens' embeddings); inference pays nothing.
         """
         B, S = idx.shape
@@ -84,7 +87,7 @@ class Transformer(nn.Module):
             if aux is not None:
                 balance.append(aux)
         h = self.norm(x)
-        out = ModelOutput(logits=self.head(h), hidden=h)
+        out = ModelOutput(logits=self.head(h[:, -1:] if last_only else h), hidden=h)
         if targets is None:
             return out
 

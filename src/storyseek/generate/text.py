@@ -1,0 +1,156 @@
+"""Text in, stories out: the prompt template, streaming text pieces, batches, and the CLI command.
+
+    model, tok = load_model("out/best_model.pt")
+    for piece in stream(model, tok, "Write a story about a brave mouse"):
+        print(piece, end="", flush=True)
+    result = generate(model, tok, ["a dragon who is shy", "two friends and a kite"], GenerateConfig(num_samples=2))
+    result.texts  # 4 stories: prompt-major, sample-minor
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ..data.template import CHARACTER, END, MORAL, PROMPT, STORY, story_prompt
+from ..data.tokenizer import Tokenizer
+from ..errors import StoryseekError
+from ..model import Transformer
+from .decode import DecodeStats, GenerateConfig, decode
+
+
+class StoryseekWarning(UserWarning):
+    """Something the user should know that does not stop generation (e.g. a truncated prompt)."""
+
+
+@dataclass
+class GenerateResult:
+    texts: list[str]  # one per (prompt, sample), prompt-major
+    token_ids: list[list[int]]  # the new tokens of each text
+    stats: DecodeStats = field(default_factory=DecodeStats)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, raw: bool) -> list[int]:
+    """Story mode: the training template's prefix (an empty prompt lets the model invent the story).
+    Raw mode: the text as given; an empty one starts from the end token (a fresh document)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes on the command line arrive as lone surrogates
+        raise StoryseekError("the prompt is not valid UTF-8 text") from None
+    if raw:
+        return tokenizer.encode(prompt, allow_special=False) or [tokenizer.eot_id]
+    return tokenizer.encode(story_prompt(prompt))
+
+
+def stop_ids(tokenizer: Tokenizer, raw: bool) -> set[int]:
+    """End of document; in story mode also a template marker that would start a new document."""
+    names = (END,) if raw else (END, PROMPT, CHARACTER, STORY)
+    return {tokenizer.special_ids[n] for n in names if n in tokenizer.special_ids}
+
+
+def render(tokenizer: Tokenizer, ids: list[int], raw: bool) -> str:
+    text = tokenizer.decode(ids)
+    return text if raw else text.replace(MORAL, "\n\nMoral: ")
+
+
+def _prepare(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: GenerateConfig) -> list[list[int]]:
+    encoded = [encode_prompt(tokenizer, p, cfg.raw) for p in prompts]
+    long = sum(len(e) >= model.cfg.block_size for e in encoded)
+    if long:
+        warnings.warn(f"{long} prompt(s) longer than the model's context of {model.cfg.block_size} tokens: "
+                      "keeping their last tokens", StoryseekWarning, stacklevel=3)
+    return [e for e in encoded for _ in range(cfg.num_samples)]
+
+
+def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: GenerateConfig | None = None,
+           stats: DecodeStats | None = None) -> Iterator[str]:
+    """Yield the story as text pieces while it is decoded (first sample only; num_samples is ignored).
+
+    A piece is emitted only once its bytes form complete UTF-8 characters. `stats`, if given, is
+    filled in as decoding goes (tokens/s, acceptance rate)."""
+    cfg = cfg or GenerateConfig()
+    (ids,) = _prepare(model, tokenizer, [prompt], cfg)[:1]
+    new: list[int] = []
+    shown = 0
+    for step in decode(model, [ids], cfg, vocab_size=tokenizer.vocab_size,
+                       stop_ids=stop_ids(tokenizer, cfg.raw), stats=stats):
+        if not step[0]:
+            continue
+        new.extend(step[0])
+        text = render(tokenizer, new, cfg.raw)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            continue
+        if len(text) > shown:
+            yield text[shown:]
+            shown = len(text)
+    text = render(tokenizer, new, cfg.raw)
+    if len(text) > shown:
+        yield text[shown:]
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[str] | str,
+             cfg: GenerateConfig | None = None) -> GenerateResult:
+    """Whole stories for every prompt x cfg.num_samples, decoded together as one batch."""
+    cfg = cfg or GenerateConfig()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise StoryseekError("no prompt given")
+    rows = _prepare(model, tokenizer, prompts, cfg)
+    result = GenerateResult(texts=[], token_ids=[[] for _ in rows])
+    for step in decode(model, rows, cfg, vocab_size=tokenizer.vocab_size,
+                       stop_ids=stop_ids(tokenizer, cfg.raw), stats=result.stats):
+        for out, new in zip(result.token_ids, step):
+            out.extend(new)
+    result.texts = [render(tokenizer, ids, cfg.raw) for ids in result.token_ids]
+    return result
+
+
+def summary(stats: DecodeStats) -> str:
+    line = (f"{stats.new_tokens} tokens in {stats.total_s:.2f} s ({stats.tokens_per_s:.1f} tokens/s, "
+            f"first token after {stats.first_token_s * 1000:.0f} ms)")
+    if stats.acceptance_rate is not None:
+        line += f", MTP draft acceptance {stats.acceptance_rate:.0%} ({stats.accepted}/{stats.drafted})"
+    return line
+
+
+def generate_command(model_path: str, prompts: list[str], cfg: GenerateConfig, *, device: str = "auto",
+                     dtype: str = "auto", stream_output: bool | None = None, verbose: bool = False) -> None:
+    """`storyseek generate`: stories on stdout, streamed when stdout is a terminal; warnings and the
+    speed / acceptance summary on stderr."""
+    from .load import load_model
+
+    def show(message, category, *args, **kwargs):
+        print(f"storyseek: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        warnings.simplefilter("always", StoryseekWarning)
+        model, tokenizer = load_model(model_path, device=device, dtype=dtype)
+        speculative = cfg.use_speculative(model)
+        if verbose:
+            p = next(model.parameters())
+            print(f"storyseek: {model_path}: {model.cfg.n_layer} layers x {model.cfg.n_embd}, {tokenizer!r}, "
+                  f"{p.dtype} on {p.device}, {'cache + MTP speculative' if speculative else 'cache' if cfg.use_cache else 'no cache'}",
+                  file=sys.stderr)
+        single = len(prompts) == 1 and cfg.num_samples == 1
+        if stream_output is None:
+            stream_output = sys.stdout.isatty()
+        if stream_output and single:
+            stats = DecodeStats()
+            for piece in stream(model, tokenizer, prompts[0], cfg, stats=stats):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            result = generate(model, tokenizer, prompts, cfg)
+            stats = result.stats
+            for i, text in enumerate(result.texts):
+                if not single:
+                    p, s = divmod(i, cfg.num_samples)
+                    print(f"--- prompt {p + 1}, sample {s + 1} ---" if len(prompts) > 1 else f"--- sample {s + 1} ---")
+                print(text)
+        sys.stdout.flush()
+        if verbose or speculative:
+            print(f"storyseek: {summary(stats)}", file=sys.stderr)

@@ -1,0 +1,164 @@
+"""Decoding: the three paths agree, the speculative rule keeps the target distribution, sampling
+options, stops, batching, sliding window, streaming text."""
+
+import pytest
+import torch
+
+from storyseek.generate.decode import DecodeStats, GenerateConfig, decode, generate_ids
+from storyseek.generate.sampling import SamplingConfig, probabilities, speculative_accept
+from storyseek.model import Transformer, get_preset
+
+MICRO = get_preset("tiny").replace(
+    vocab_size=128, block_size=48, n_layer=2, n_head=2, n_embd=64, kv_lora_rank=32, qk_nope_head_dim=16,
+    qk_rope_head_dim=8, v_head_dim=16, inter_dim=128, moe_inter_dim=64,
+)
+GREEDY = SamplingConfig(temperature=0)
+PROMPTS = [[1, 2, 3, 4, 5], [7], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small run fastest on one thread (and a busy machine's thread contention cannot stall them)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(0)
+    return Transformer(MICRO).eval()
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    """Briefly trained on "count up by one, mod 64": deterministic, so a working MTP drafts well."""
+    torch.manual_seed(0)
+    model = Transformer(MICRO)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        seq = (torch.randint(0, 64, (16, 1)) + torch.arange(33)) % 64
+        loss = model(seq[:, :-1], seq[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _modes(model, prompts, max_tokens, stop_ids=()):
+    out = {}
+    for name, kw in {"no-cache": dict(use_cache=False), "cache": dict(speculative=False),
+                     "speculative": dict(speculative=True)}.items():
+        stats = DecodeStats()
+        cfg = GenerateConfig(max_tokens=max_tokens, sampling=GREEDY, **kw)
+        out[name] = (generate_ids(model, prompts, cfg, vocab_size=120, stop_ids=stop_ids, stats=stats), stats)
+    return out
+
+
+def test_greedy_no_cache_cache_speculative_identical_random_weights(random_model):
+    out = _modes(random_model, PROMPTS, 30)
+    ref = out["no-cache"][0]
+    assert [len(r) for r in ref] == [30, 30, 30]
+    assert out["cache"][0] == ref
+    assert out["speculative"][0] == ref
+    assert out["speculative"][1].drafted > 0
+
+
+def test_greedy_identical_and_mtp_drafts_accepted_on_trained_model(trained_model):
+    out = _modes(trained_model, [[3, 4, 5], [40]], 40)
+    ref = out["no-cache"][0]
+    assert ref[0][:5] == [6, 7, 8, 9, 10]  # it did learn to count
+    assert out["cache"][0] == ref and out["speculative"][0] == ref
+    stats = out["speculative"][1]
+    # A trained MTP module whose cache is kept in sync predicts the token after next well.
+    assert stats.acceptance_rate > 0.8, stats
+
+
+def test_speculative_rule_keeps_target_distribution():
+    torch.manual_seed(0)
+    p = torch.tensor([0.50, 0.25, 0.15, 0.10, 0.00])
+    q = torch.tensor([0.10, 0.20, 0.30, 0.20, 0.20])  # differs a lot, and drafts a token p never picks
+    n = 200_000
+    draft = torch.multinomial(q, n, replacement=True)
+    accepted, tokens = speculative_accept(p.expand(n, -1), q.expand(n, -1), draft)
+    freq = torch.bincount(tokens, minlength=5).double() / n
+    tol = 0.006  # > 5 standard errors (sqrt(0.25 / n) = 0.0011)
+    assert (freq - p).abs().max() < tol, freq
+    # The acceptance rate is sum_x min(p, q) = 0.55, and the test cannot pass by accident: the
+    # usual mistakes give distributions far outside the tolerance.
+    assert abs(accepted.double().mean() - 0.55) < tol
+    always_accept = q
+    resample_from_p = torch.minimum(p, q) + (1 - torch.minimum(p, q).sum()) * p
+    assert (always_accept - p).abs().max() > 5 * tol and (resample_from_p - p).abs().max() > 5 * tol
+
+
+def test_top_k_one_equals_greedy(random_model):
+    greedy = generate_ids(random_model, PROMPTS, GenerateConfig(max_tokens=12, sampling=GREEDY, speculative=False))
+    for spec in (False, True):
+        cfg = GenerateConfig(max_tokens=12, sampling=SamplingConfig(temperature=1.5, top_k=1), seed=3, speculative=spec)
+        assert generate_ids(random_model, PROMPTS, cfg) == greedy
+
+
+def test_top_p_keeps_smallest_nucleus_and_top_k_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = probabilities(logits, SamplingConfig(temperature=1.0, top_p=0.7))
+    assert torch.allclose(probs, torch.tensor([[0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]]))
+    probs = probabilities(logits, SamplingConfig(temperature=1.0, top_p=0.1))  # the top token always stays
+    assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    probs = probabilities(logits, SamplingConfig(temperature=1.0, top_k=3, top_p=1.0))
+    assert probs[0, 3] == 0 and torch.allclose(probs.sum(), torch.tensor(1.0))
+
+
+def test_repetition_penalty_lowers_seen_tokens():
+    logits = torch.tensor([[2.0, 2.0, -1.0, -1.0]])
+    seen = torch.tensor([[True, False, True, False]])
+    probs = probabilities(logits, SamplingConfig(temperature=1.0, top_p=1.0, repetition_penalty=2.0), seen)
+    assert probs[0, 0] < probs[0, 1] and probs[0, 2] < probs[0, 3]
+
+
+def test_seed_reproduces_and_padded_ids_never_sampled(random_model):
+    def sample(seed, spec):
+        cfg = GenerateConfig(max_tokens=25, sampling=SamplingConfig(temperature=3.0, top_p=1.0), seed=seed, speculative=spec)
+        return generate_ids(random_model, PROMPTS, cfg, vocab_size=100)
+
+    for spec in (False, True):
+        a, b, c = sample(1, spec), sample(1, spec), sample(2, spec)
+        assert a == b and a != c
+        assert max(max(r) for r in a + c) < 100  # the model has 128 embeddings, the "tokenizer" 100
+
+
+def test_stops_at_end_token_and_rows_stop_independently(trained_model):
+    prompts = [[3, 4, 5], [40], [20, 21]]  # counting: row 0 meets 9 after 3 tokens, row 2 after 53
+    for name, (rows, _) in _modes(trained_model, prompts, 20, stop_ids={9}).items():
+        assert rows == [[6, 7, 8], list(range(41, 61)), list(range(22, 42))], name
+
+
+def test_decode_yields_step_by_step_and_slides_past_the_context(random_model):
+    prompt = list(range(1, 41))  # 40 of 48 positions used: generation runs far past the context
+    for spec in (False, True):
+        stats = DecodeStats()
+        cfg = GenerateConfig(max_tokens=100, sampling=SamplingConfig(temperature=1.0), seed=0, speculative=spec)
+        steps = list(decode(random_model, [prompt, [5]], cfg, stats=stats))
+        assert sum(len(s[0]) for s in steps) == 100 and sum(len(s[1]) for s in steps) == 100
+        assert all(len(s[0]) <= (2 if spec else 1) for s in steps)
+        assert stats.new_tokens == 200 and stats.prompt_tokens == 41
+
+
+def test_long_prompt_keeps_last_tokens(random_model):
+    long = list(range(1, 100))  # > block_size 48
+    cfg = GenerateConfig(max_tokens=5, sampling=GREEDY, speculative=False)
+    stats = DecodeStats()
+    got = generate_ids(random_model, [long], cfg, stats=stats)
+    assert stats.truncated_prompts == 1 and got == generate_ids(random_model, [long[-47:]], cfg)
+
+
+def test_bfloat16_cache_decodes(random_model):
+    from storyseek.generate.load import to_inference
+
+    model = to_inference(Transformer(MICRO), torch.bfloat16)
+    model.load_state_dict(random_model.state_dict())
+    cfg = GenerateConfig(max_tokens=10, sampling=GREEDY)
+    rows = generate_ids(model, PROMPTS, cfg)
+    assert [len(r) for r in rows] == [10, 10, 10]
+    assert model.rope_cos.dtype == torch.float32 and model.moe_layers()[0].gate.weight.dtype == torch.float32
