@@ -187,6 +187,51 @@ def _add_export(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="write stories with a trained model (latent-cache decoding, MTP speculative decoding)",
+        description="Story mode (default) places --prompt in the training template and stops at the end of "
+        "the story; --raw continues the text as given. The tokenizer comes from the checkpoint.",
+    )
+    p.add_argument("--model", required=True, metavar="PATH", help="checkpoint file (e.g. out/best_model.pt) or exported directory")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="what the story is about (repeat for several prompts, decoded as one batch; default: empty, "
+                   "the model invents one)")
+    p.add_argument("--max-tokens", type=int, default=200, help="new tokens per story at most (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off (default: 0)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass in (0, 1]; 1 = off (default: 0.9)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages repeating tokens already in the text; 1 = off (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples (default: random)")
+    p.add_argument("--num-samples", type=int, default=1, help="stories per prompt, decoded as one batch (default: 1)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print tokens as they come (default: when stdout is a terminal and there is one story)")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                   help="MTP self-speculative decoding (default: on when the model has MTP weights)")
+    p.add_argument("--no-cache", action="store_true", help="recompute everything every token (slow reference path)")
+    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no story template")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights and cache dtype (default: auto = bfloat16 on GPUs that support it, else float32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--verbose", action="store_true", help="print the model, speed and MTP acceptance on stderr")
+
+    def run(args):
+        from .generate.decode import GenerateConfig
+        from .generate.sampling import SamplingConfig
+        from .generate.text import generate_command
+
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  repetition_penalty=args.repetition_penalty)
+        cfg = GenerateConfig(max_tokens=args.max_tokens, sampling=sampling, seed=args.seed, num_samples=args.num_samples,
+                             speculative=args.speculative, use_cache=not args.no_cache, raw=args.raw)
+        generate_command(args.model, args.prompt or [""], cfg, device=args.device, dtype=args.dtype,
+                         stream_output=args.stream, verbose=args.verbose)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="storyseek",
@@ -198,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"storyseek {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_info, _add_prepare, _add_train, _add_plot, _add_export):
+    for add in (_add_info, _add_prepare, _add_train, _add_plot, _add_export, _add_generate):
         add(sub)
     return parser
 
