@@ -37,7 +37,11 @@ t0, c0 = time.perf_counter(), time.process_time()
 out = prepare(cfg)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 m = load_meta(out)
-print(json.dumps({"wall_s": wall, "cpu_s": cpu, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+try:  # VmHWM is this program's peak; ru_maxrss would include the parent's pages before exec
+    rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+except OSError:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"wall_s": wall, "cpu_s": cpu, "max_rss_mb": rss,
                   "docs": sum(s["documents"] for s in m["splits"].values()),
                   "tokens": sum(s["tokens"] for s in m["splits"].values())}))
 """

@@ -219,7 +219,7 @@ def _blocks(docs: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str, int]]:
 def _spool(blocks: Iterator[tuple[int, str, int]], directory: Path) -> list[Path]:
     """Write each split's documents back to back (UTF-8) so they can be read twice."""
     paths = [directory / f"{s}.docs" for s in SPLITS]
-    files = [open(p, "w", encoding="utf-8") for p in paths]
+    files = [open(p, "w", encoding="utf-8", newline="") for p in paths]
     try:
         for split, text, _ in blocks:
             files[split].write(text)
@@ -232,7 +232,7 @@ def _spool(blocks: Iterator[tuple[int, str, int]], directory: Path) -> list[Path
 def _read_spool(path: Path) -> Iterator[str]:
     """Blocks of whole documents from a spool file (cut after an end token)."""
     rest = ""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", newline="") as f:
         while chunk := f.read(BLOCK_CHARS):
             chunk = rest + chunk
             cut = chunk.rfind(END) + len(END)

@@ -102,7 +102,10 @@ def _jsonl(path: Path) -> Iterator[dict]:
 
 
 def _json(path: Path) -> Iterator[dict]:
-    """A JSON array of objects, or an object holding one such array (e.g. {"data": [...]})."""
+    """A JSON array of objects, or an object holding one such array (e.g. {"data": [...]}).
+
+    Read whole (JSON has no record boundaries): use .jsonl for large data.
+    """
     text = "".join(line for _, line in _lines(path))
     try:
         data = json.loads(text)
