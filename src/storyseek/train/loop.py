@@ -14,6 +14,7 @@ resumed run draws the same batches and (fp32, CPU) reproduces the uninterrupted 
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import signal
@@ -149,10 +150,13 @@ def _train(cfg: TrainConfig, base_cfg: ModelConfig | None, d: distributed.Dist) 
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # Buffers are not broadcast: each rank's expert-load counts must stay its own until the
-        # all-reduce, and the biases stay equal because every rank applies the same update.
+        # Buffers are not re-broadcast each forward: each rank's expert-load counts must stay its own
+        # until the all-reduce, and the biases stay equal because every rank applies the same update.
+        # Unused parameters: an expert may receive no tokens in a step.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
         model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None,
-                    broadcast_buffers=False, find_unused_parameters=model_cfg.n_moe_layers + model_cfg.mtp_depth > 0)
+                    find_unused_parameters=model_cfg.n_moe_layers + model_cfg.mtp_depth > 0, **no_sync)
     ctx = autocast(device, dtype)
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     tokens_per_iter = cfg.batch_size * T * cfg.grad_accum * d.world_size
@@ -174,14 +178,16 @@ def _train(cfg: TrainConfig, base_cfg: ModelConfig | None, d: distributed.Dist) 
     log = MetricsLog(out, iter_num if cfg.resume else None, cfg.tensorboard, cfg.wandb, cfg.wandb_project,
                      {**cfg.to_dict(), "model_config": model_cfg.to_dict()}) if master else None
 
-    def checkpoint(full: bool) -> dict:
+    def save(name: str, full: bool) -> None:
+        """Every rank calls this (the RNG gather is collective); rank 0 writes OUT/name."""
         state = {"model_config": model_cfg.to_dict(), "tokenizer": tokenizer.to_dict(),
                  "model": raw_model.state_dict(), "iter": iter_num, "best_val_loss": best_val,
                  "train_config": cfg.to_dict(), "elapsed": elapsed_before + time.time() - t0}
         if full:
             state |= {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "evaluated": evaluated,
                       "rng": _gather_rng(_rng_state(train_batches, device), d)}
-        return state
+        if master:
+            save_checkpoint(out / name, state)
 
     @torch.no_grad()
     def estimate_loss() -> dict[str, float]:
@@ -219,8 +225,7 @@ def _train(cfg: TrainConfig, base_cfg: ModelConfig | None, d: distributed.Dist) 
         _report(log, iter_num, losses, lr, elapsed_before + time.time() - t0, stats, speed, mfu, device, out, say)
         if iter_num > 0 and losses["val"] < best_val:
             best_val = losses["val"]
-            if master:
-                save_checkpoint(out / "best_model.pt", checkpoint(full=False))
+            save("best_model.pt", full=False)
         evaluated = True
         t_interval, iters_interval = time.time(), 0
 
@@ -232,18 +237,16 @@ def _train(cfg: TrainConfig, base_cfg: ModelConfig | None, d: distributed.Dist) 
 
             if iter_num % cfg.eval_interval == 0 and not evaluated:
                 evaluate_and_report()
-                if master:
-                    save_checkpoint(out / "latest.pt", checkpoint(full=True))
-            if cfg.checkpoint_interval and iter_num % cfg.checkpoint_interval == 0 and iter_num > first_iter and master:
+                save("latest.pt", full=True)
+            if cfg.checkpoint_interval and iter_num % cfg.checkpoint_interval == 0 and iter_num > first_iter:
                 stats.check_finite(iter_num, out)
-                save_checkpoint(out / f"ckpt_{iter_num}.pt", checkpoint(full=True))
+                save(f"ckpt_{iter_num}.pt", full=True)
 
             timed_out = cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes
             if not d.enabled or iter_num % cfg.log_interval == 0:
                 if distributed.any_rank(bool(stop_signal), d):
                     stats.check_finite(iter_num, out)
-                    if master:
-                        save_checkpoint(out / "latest.pt", checkpoint(full=True))
+                    save("latest.pt", full=True)
                     say(f"interrupted at iter {iter_num}: saved {out / 'latest.pt'}; continue with --resume")
                     raise KeyboardInterrupt
                 if distributed.any_rank(timed_out, d) and iter_num < cfg.max_iters:
@@ -281,9 +284,9 @@ def _train(cfg: TrainConfig, base_cfg: ModelConfig | None, d: distributed.Dist) 
         # --------------------------------------------------------------- the end
         if not evaluated:
             evaluate_and_report()
+        save("final_model.pt", full=False)
+        save("latest.pt", full=True)
         if master:
-            save_checkpoint(out / "final_model.pt", checkpoint(full=False))
-            save_checkpoint(out / "latest.pt", checkpoint(full=True))
             png = plot_metrics(out / CSV_NAME)
             say(f"done: {iter_num} iters, best val_loss {best_val:.4f}; wrote {out / 'final_model.pt'}, {png}")
     finally:

@@ -1,0 +1,354 @@
+"""storyseek train / plot: outputs, exact resume, atomic checkpoints, DDP, signals, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from storyseek.cli import main
+from storyseek.data.prepare import PrepareConfig, prepare
+from storyseek.errors import StoryseekError
+from storyseek.model import Transformer
+from storyseek.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from storyseek.train.config import TrainConfig, build_train_config
+from storyseek.train.loop import train
+from storyseek.train.metrics import CSV_COLUMNS
+from storyseek.train.optim import configure_optimizer, lr_at
+from storyseek.train.precision import resolve_dtype
+
+ROOT = Path(__file__).resolve().parents[1]
+# A model small enough that a step takes milliseconds on a CPU: 2 layers (1 dense + 1 MoE) + MTP.
+TINY = ["--preset", "tiny", "--n-layer", "2", "--n-embd", "64", "--block-size", "32", "--batch-size", "4",
+        "--inter-dim", "128", "--moe-inter-dim", "64", "--kv-lora-rank", "32", "--qk-nope-head-dim", "16",
+        "--qk-rope-head-dim", "8", "--v-head-dim", "16", "--eval-iters", "2", "--warmup-iters", "2"]
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy 2-core machine punishes spinning OpenMP)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A real preparation of the builtin corpus with a small BPE vocabulary."""
+    out = tmp_path_factory.mktemp("data") / "builtin-bpe"
+    prepare(PrepareConfig(dataset="builtin", tokenizer="bpe:512", max_docs=600, out=str(out), num_proc=1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "builtin-bpe-other"
+    prepare(PrepareConfig(dataset="builtin", tokenizer="bpe:700", max_docs=300, out=str(out), num_proc=1))
+    return out
+
+
+def _train(capsys, data: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    rc = main(["train", "--data", str(data), "--out", str(out), *TINY, *extra])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "training_log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------- the happy path
+
+
+def test_train_writes_log_console_checkpoints_and_plot(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, _ = _train(capsys, data, out, "--max-iters", "8", "--eval-interval", "4", "--checkpoint-interval", "4")
+    assert rc == 0
+    lines = stdout.splitlines()
+    evals = [l for l in lines if l.startswith("iter ")]
+    assert len(evals) == 3  # iters 0, 4, 8
+    for line, it in zip(evals, (0, 4, 8)):
+        assert re.fullmatch(rf"iter {it}: train_loss \d+\.\d{{4}}, val_loss \d+\.\d{{4}}, lr \d\.\d\de-\d\d, time \d+\.\d\ds", line)
+    assert any(re.match(r"RAM: \d+\.\d\d GB \| [\d,]+ tokens/s \| mtp_loss", l) for l in lines)
+    assert "float32" in stdout  # it says which dtype it chose
+
+    header = (out / "training_log.csv").read_text().splitlines()[0]
+    assert header.startswith("iteration,train_loss,val_loss,learning_rate,elapsed_time,gpu_memory_gb,"
+                             "tokens_per_sec,mtp_loss,balance_loss,max_expert_load")
+    rows = _rows(out)
+    assert [int(r["iteration"]) for r in rows] == [0, 4, 8]
+    assert all(float(r["mtp_loss"]) > 0 and 0.25 <= float(r["max_expert_load"]) <= 1 for r in rows[1:])
+
+    names = {p.name for p in out.iterdir()}
+    assert {"best_model.pt", "ckpt_4.pt", "ckpt_8.pt", "final_model.pt", "latest.pt", "training_metrics.png"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    final, latest = load_checkpoint(out / "final_model.pt"), load_checkpoint(out / "latest.pt")
+    assert final["iter"] == latest["iter"] == 8
+    assert "optimizer" not in final and "optimizer" not in load_checkpoint(out / "best_model.pt")
+    assert {"optimizer", "rng", "scaler"} <= set(latest)
+    assert final["tokenizer"]["spec"] == "bpe:512"
+    model = model_from_checkpoint(final)  # what generation does: needs nothing else
+    assert model.cfg.vocab_size == 512 and model.cfg.n_layer == 2
+    assert torch.equal(model.layers[1].ffn.gate.bias, latest["model"]["layers.1.ffn.gate.bias"])
+    assert model.layers[1].ffn.gate.bias.abs().sum() > 0  # the aux-free bias moved
+
+    png = tmp_path / "again.png"
+    assert main(["plot", str(out / "training_log.csv"), "--out", str(png)]) == 0
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_loss_falls_on_the_builtin_corpus(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, _ = _train(capsys, data, out, "--max-iters", "200", "--eval-interval", "100", "--eval-iters", "8",
+                      "--batch-size", "8", "--block-size", "64", "--learning-rate", "3e-3", "--warmup-iters", "20",
+                      "--checkpoint-interval", "0")
+    assert rc == 0
+    rows = _rows(out)
+    first, last = float(rows[0]["val_loss"]), float(rows[-1]["val_loss"])
+    assert first > 6.0  # ~ln(512) at initialization
+    assert last < first - 2.0, (first, last)
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def test_resume_reproduces_the_uninterrupted_run(data, tmp_path, capsys):
+    """Dropout on, so the torch RNG matters too; the resumed run starts from ckpt_6.pt."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ("--max-iters", "12", "--eval-interval", "3", "--checkpoint-interval", "6", "--dropout", "0.1")
+    assert _train(capsys, data, a, *args)[0] == 0
+    b.mkdir()
+    shutil.copy(a / "ckpt_6.pt", b / "latest.pt")
+    rc, stdout, _ = _train(capsys, data, b, *args, "--resume")
+    assert rc == 0 and "resuming from" in stdout
+    rows_a = {r["iteration"]: r for r in _rows(a)}
+    rows_b = _rows(b)
+    assert [r["iteration"] for r in rows_b] == ["9", "12"]  # the eval at 6 was done before the save
+    for r in rows_b:
+        for key in ("train_loss", "val_loss", "mtp_loss", "balance_loss", "max_expert_load", "grad_norm"):
+            assert float(r[key]) == pytest.approx(float(rows_a[r["iteration"]][key]), abs=1e-6), key
+    wa, wb = load_checkpoint(a / "final_model.pt")["model"], load_checkpoint(b / "final_model.pt")["model"]
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_sigint_saves_latest_and_resume_continues(data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "storyseek", "train", "--data", str(data), "--out", str(out), *TINY,
+           "--max-iters", "100000", "--eval-interval", "50", "--checkpoint-interval", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+    deadline = time.time() + 60
+    while not (out / "training_log.csv").exists() or len((out / "training_log.csv").read_text().splitlines()) < 2:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted at iter" in stdout and "Traceback" not in stderr
+    state = load_checkpoint(out / "latest.pt")
+    assert state["iter"] > 0 and "optimizer" in state
+    resumed = subprocess.run(cmd[:-6] + ["--max-iters", str(state["iter"] + 2), "--eval-interval", "50", "--resume"],
+                             capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(out / "final_model.pt")["iter"] == state["iter"] + 2
+
+
+def test_a_checkpoint_killed_mid_write_never_replaces_a_good_one(tmp_path):
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"iter": 1, "model": {"w": torch.ones(3)}})
+    good = path.read_bytes()
+    crash = f"""
+import os, torch
+from storyseek.train import checkpoint
+def torn_save(obj, f, *a, **k):
+    f.write(b"PK\\x03\\x04 half a zip file")
+    f.flush()
+    os._exit(9)  # killed mid-write: no cleanup, no exception handlers
+checkpoint.torch.save = torn_save
+checkpoint.save_checkpoint({str(path)!r}, {{"iter": 2, "model": {{"w": torch.zeros(3)}}}})
+"""
+    r = subprocess.run([sys.executable, "-c", crash], env=SUBPROCESS_ENV, capture_output=True, timeout=60)
+    assert r.returncode == 9
+    assert path.read_bytes() == good
+    assert load_checkpoint(path)["iter"] == 1
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_checkpoints(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = _train(capsys, data, out, "--max-iters", "50", "--eval-interval", "100", "--log-interval", "1",
+                        "--learning-rate", "1e12", "--min-lr", "1e12", "--grad-clip", "0", "--init-std", "1.0")
+    assert rc == 1
+    assert re.fullmatch(r"storyseek: error: the loss became non-finite \(nan/inf\) .*\n", err)
+    assert load_checkpoint(out / "latest.pt")["iter"] == 0  # the last good one, from the first evaluation
+    assert not (out / "final_model.pt").exists()
+
+
+def test_max_minutes_stops_cleanly_with_final_checkpoint_and_plot(data, tmp_path):
+    out = tmp_path / "run"
+    cfg = build_train_config({"data": str(data), "out": str(out), "preset": "tiny", "n_layer": 2, "n_embd": 64,
+                              "block_size": 32, "batch_size": 4, "eval_iters": 2, "max_iters": 10**6,
+                              "max_minutes": 0.02, "inter_dim": 128, "moe_inter_dim": 64, "multi_token": 1})
+    assert train(cfg) == out
+    final = load_checkpoint(out / "final_model.pt")
+    assert 0 < final["iter"] < 10**6 and final["model_config"]["mtp_depth"] == 0
+    assert (out / "training_metrics.png").is_file()
+    assert _rows(out)[-1]["iteration"] == str(final["iter"])
+    assert _rows(out)[-1]["mtp_loss"] == ""  # --multi-token 1: no MTP
+
+
+# ------------------------------------------------------------------------------------ multi-process
+
+
+DDP_WORKER = """
+import sys, torch
+from storyseek.cli import main
+from storyseek.train import loop
+models = []
+real = loop.configure_optimizer
+def capture(model, *a, **k):  # keep this rank's model to compare after training
+    models.append(model)
+    return real(model, *a, **k)
+loop.configure_optimizer = capture
+rc = main(sys.argv[1:])
+rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(__import__("os").environ["RANK"])
+torch.save(models[0].state_dict(), sys.argv[sys.argv.index("--out") + 1] + f"/../rank{rank}.pt")
+sys.exit(rc)
+"""
+
+
+def test_torchrun_two_ranks_on_cpu_keep_identical_weights_and_biases(data, tmp_path):
+    out = tmp_path / "run"
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(worker),
+           "train", "--data", str(data), "--out", str(out), *TINY, "--max-iters", "6", "--eval-interval", "3",
+           "--checkpoint-interval", "6", "--grad-accum", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("iter 6: train_loss") == 1  # only rank 0 logs
+    assert "x 2 ranks" in r.stdout
+    assert [row["iteration"] for row in _rows(out)] == ["0", "3", "6"]
+    assert {p.name for p in out.glob("*.pt")} == {"best_model.pt", "ckpt_6.pt", "final_model.pt", "latest.pt"}
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    biases = [n for n in r0 if n.endswith("gate.bias")]
+    assert biases and any(r0[n].abs().sum() > 0 for n in biases)
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    assert len(load_checkpoint(out / "latest.pt")["rng"]) == 2  # each rank's batch sampler is saved
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+
+def _fails(capsys, argv: list[str], needle: str) -> None:
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("storyseek: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert needle in err, err
+
+
+def test_bad_inputs_fail_with_one_line_and_change_nothing(data, other_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(capsys, data, run, "--max-iters", "2", "--eval-interval", "2")[0] == 0
+    before = _digest(run)
+    base = ["train", "--out", str(run), *TINY]
+    _fails(capsys, [*base, "--data", str(tmp_path / "missing")], "data directory not found")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "train.bin").write_bytes(b"\0" * 100)
+    _fails(capsys, [*base, "--data", str(foreign)], "not a prepared data directory")
+    _fails(capsys, [*base, "--data", str(data), "--resume", "--n-layer", "3"], "is a different model: n_layer 2")
+    _fails(capsys, [*base, "--data", str(other_data), "--resume"], "tokenizer")
+    _fails(capsys, [*base, "--data", str(data)], "already holds a training run")
+    assert _digest(run) == before
+
+    fresh = tmp_path / "fresh"
+    new = ["train", "--out", str(fresh), *TINY, "--data", str(data)]
+    _fails(capsys, [*new, "--batch-size", "0"], "--batch-size must be a positive integer")
+    _fails(capsys, [*new, "--dtype", "float16"], "float16 needs a CUDA GPU")
+    _fails(capsys, [*new, "--block-size", "100000"], "too few for --block-size 100000")
+    init = ["train", "--out", str(fresh), *TINY, "--init-from", str(run / "final_model.pt")]
+    _fails(capsys, [*init, "--data", str(data), "--block-size", "64"], "exceeds the model's context of 32")
+    _fails(capsys, [*init, "--data", str(data), "--n-embd", "96"], "is a different model: n_embd 64")
+    _fails(capsys, [*init, "--data", str(other_data)], "tokenizer")
+    _fails(capsys, [*init, "--data", str(data), "--init-from", str(data / "train.bin")], "not a readable storyseek checkpoint")
+    assert not fresh.exists() or not any(fresh.iterdir())
+    _fails(capsys, ["plot", str(data / "meta.json")], "not a storyseek training log")
+
+
+def test_init_from_fine_tunes_from_the_checkpoint_weights(data, tmp_path, capsys):
+    src = tmp_path / "src"
+    assert _train(capsys, data, src, "--max-iters", "4", "--eval-interval", "4")[0] == 0
+    rc, stdout, _ = _train(capsys, data, tmp_path / "ft", "--max-iters", "1", "--eval-interval", "1", "--dropout", "0.1",
+                           "--init-from", str(src / "final_model.pt"), "--learning-rate", "1e-9", "--min-lr", "0")
+    assert rc == 0 and "initialized from" in stdout
+    # With a negligible learning rate the first evaluation equals the source model's last one.
+    assert _rows(tmp_path / "ft")[0]["val_loss"] == _rows(src)[-1]["val_loss"]
+
+
+# ---------------------------------------------------------------------------------------- the parts
+
+
+def test_config_file_and_flags_precedence(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('preset = "tiny"\nbatch-size = 7\nmax_iters = 99\nn_layer = 3\nmulti_token = 1\n')
+    cfg = build_train_config({"batch_size": 5}, toml)
+    assert (cfg.batch_size, cfg.max_iters, cfg.learning_rate) == (5, 99, 1e-3)  # flag > file > tiny preset
+    assert cfg.model == {"n_layer": 3, "mtp_depth": 0}
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("moe_experts: 8\ndtype: float32\n")
+    cfg = build_train_config({}, yaml)
+    assert cfg.model == {"n_routed_experts": 8} and cfg.dtype == "float32" and cfg.batch_size == 12
+    (tmp_path / "bad.toml").write_text("batch_sise = 3\n")
+    with pytest.raises(StoryseekError, match="unknown setting 'batch_sise'"):
+        build_train_config({}, tmp_path / "bad.toml")
+    with pytest.raises(StoryseekError, match="unknown --dtype"):
+        TrainConfig(dtype="int8")
+
+
+def test_weight_decay_on_matrices_only_and_the_schedule():
+    from storyseek.model import get_preset
+
+    model = Transformer(get_preset("tiny").replace(n_layer=2, n_embd=64, vocab_size=256))
+    opt = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    decayed, plain = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in plain} and all(n.endswith(("norm.weight", "enorm.weight", "hnorm.weight")) for n in map(names.get, plain))
+    assert "layers.1.ffn.gate.weight" in {names[i] for i in decayed} and "embed.weight" in {names[i] for i in decayed}
+    assert "layers.1.ffn.gate.bias" not in names.values()  # a buffer: the optimizer never touches it
+    assert len(decayed | plain) == len({id(p) for p in model.parameters()})
+    lrs = [lr_at(i, 1.0, 0.1, 10, 110) for i in range(120)]
+    assert lrs[0] < lrs[9] < lrs[10] == pytest.approx(1.0, rel=0.01)
+    assert lrs[60] == pytest.approx(0.55) and lrs[110] == lrs[119] == 0.1
+
+
+def test_dtype_auto_follows_the_hardware(monkeypatch):
+    from storyseek.train import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_dtype("auto", cpu)[0] == torch.float32
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    dtype, why = resolve_dtype("auto", cpu)
+    assert dtype == torch.bfloat16 and "AVX512-BF16" in why
+    assert resolve_dtype("bfloat16", cpu)[0] == torch.bfloat16
+    with pytest.raises(StoryseekError, match="float16 needs a CUDA GPU"):
+        resolve_dtype("float16", cpu)
