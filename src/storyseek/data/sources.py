@@ -221,7 +221,8 @@ def hub_records(
             files = builder.config.data_files
             if not files or split not in files:
                 raise StoryseekError(f"--max-files: {name} does not list data files for split {split!r}")
-            data_files = {split: list(files[split])[:max_files]}
+            # The files are resolved (full paths/URLs) already: load them without the config.
+            data_files, config = {split: list(files[split])[:max_files]}, None
         ds = datasets.load_dataset(name, config, split=split, streaming=streaming, data_files=data_files)
     except StoryseekError:
         raise
