@@ -232,6 +232,26 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end demo: corpus -> tokenizer -> train tiny model -> stories",
+                       description="Prepare the embedded story corpus, train the tiny preset (MLA + MoE + MTP) for a few "
+                       "minutes on this machine, write the log, plot and checkpoints under --out, and print two stories.")
+    p.add_argument("--out", default="demo-run", help="output directory (default: demo-run)")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time budget in minutes (default: 3)")
+    p.add_argument("--stories", type=int, default=20_000, help="stories drawn from the corpus (default: 20000)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ... (default: auto)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
+    p.add_argument("--force", action="store_true", help="start over if --out holds an earlier demo run")
+
+    def run(args):
+        from .demo import DemoConfig, run_demo
+
+        run_demo(DemoConfig(out=args.out, minutes=args.minutes, stories=args.stories, device=args.device,
+                            seed=args.seed, force=args.force))
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="storyseek",
@@ -243,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"storyseek {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_info, _add_prepare, _add_train, _add_plot, _add_export, _add_generate):
+    for add in (_add_info, _add_prepare, _add_train, _add_plot, _add_export, _add_generate, _add_demo):
         add(sub)
     return parser
 
