@@ -29,6 +29,8 @@ def model_card(state: dict, cfg: ModelConfig, tokenizer: Tokenizer, run_dir: Pat
     if dataset:
         header.append(f"datasets: [{dataset}]")
     header.append("---")
+    moe = f"{cfg.n_moe_layers} MoE layer{'s' if cfg.n_moe_layers != 1 else ''}"
+    dense = f"{cfg.n_dense_layers} dense SwiGLU layer{'s' if cfg.n_dense_layers != 1 else ''}"
     lines = header + [
         "",
         f"# {repo_id.split('/')[-1] if repo_id else 'storyseek story model'}",
@@ -47,8 +49,7 @@ def model_card(state: dict, cfg: ModelConfig, tokenizer: Tokenizer, run_dir: Pat
         f"| vocabulary | {tokenizer.vocab_size} ids (`{tokenizer.spec}`), embedding padded to {cfg.vocab_size} |",
         f"| MLA | kv_lora_rank {cfg.kv_lora_rank}, q_lora_rank {cfg.q_lora_rank or 'none'}, "
         f"qk_nope {cfg.qk_nope_head_dim} + qk_rope {cfg.qk_rope_head_dim}, v {cfg.v_head_dim} per head |",
-        f"| feed-forward | {cfg.n_dense_layers} dense SwiGLU layer(s) (hidden {cfg.inter_dim}), "
-        f"{cfg.n_moe_layers} MoE layers |",
+        f"| feed-forward | {dense} (hidden {cfg.inter_dim}), {moe} |",
         f"| MoE | {cfg.n_routed_experts} routed experts (top-{cfg.n_activated_experts}, sigmoid gates, "
         f"scale {cfg.route_scale}) + {cfg.n_shared_experts} shared, expert hidden {cfg.moe_inter_dim} |",
         f"| MTP | depth {cfg.mtp_depth} (stored as `model.layers.{cfg.n_layer}`) |" if cfg.mtp_depth
@@ -71,7 +72,7 @@ def model_card(state: dict, cfg: ModelConfig, tokenizer: Tokenizer, run_dir: Pat
         "",
         "## Training",
         "",
-        *_training_lines(state, train_cfg, meta, run_dir),
+        *_training_lines(state, cfg, train_cfg, meta, run_dir),
     ]
     if has_plot:
         lines += ["", "![training metrics](training_metrics.png)"]
@@ -80,8 +81,8 @@ def model_card(state: dict, cfg: ModelConfig, tokenizer: Tokenizer, run_dir: Pat
         "",
         "## Use with transformers",
         "",
-        "Stories are prompted with the training template: `<|prompt|>` instruction `<|story|>`, and end "
-        "with `<|endoftext|>` (the eos id in `generation_config.json`).",
+        "Stories are prompted with the training template, `<|prompt|>` instruction `<|story|>`; generation "
+        "stops at `<|endoftext|>` or at a template marker, as in storyseek (the eos ids in `generation_config.json`).",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -89,7 +90,7 @@ def model_card(state: dict, cfg: ModelConfig, tokenizer: Tokenizer, run_dir: Pat
         f'tok = AutoTokenizer.from_pretrained("{where}")',
         f'model = AutoModelForCausalLM.from_pretrained("{where}")',
         f'ids = tok("{prompt}", return_tensors="pt").input_ids',
-        "out = model.generate(ids, max_new_tokens=300, do_sample=True, temperature=0.8, top_k=200)",
+        "out = model.generate(ids, max_new_tokens=300, do_sample=True, temperature=0.8)",
         "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
         "```",
         "",
@@ -126,14 +127,15 @@ def model_card(state: dict, cfg: ModelConfig, tokenizer: Tokenizer, run_dir: Pat
     return "\n".join(lines)
 
 
-def _training_lines(state: dict, train_cfg: dict, meta: dict, run_dir: Path) -> list[str]:
+def _training_lines(state: dict, cfg: ModelConfig, train_cfg: dict, meta: dict, run_dir: Path) -> list[str]:
     steps = state.get("iter", 0)
     out = [f"- optimizer steps: {steps:,}"]
     if train_cfg:
-        per_step = (train_cfg.get("batch_size", 0) * (train_cfg.get("block_size") or 0)
-                    * train_cfg.get("grad_accum", 1) * state.get("world_size", 1))
-        if per_step:
-            out.append(f"- tokens per step: {per_step:,} (about {per_step * steps / 1e6:,.1f}M tokens seen)")
+        per_step = (train_cfg.get("batch_size", 0) * (train_cfg.get("block_size") or cfg.block_size)
+                    * train_cfg.get("grad_accum", 1))
+        out.append(f"- tokens per step and GPU: {per_step:,} (batch {train_cfg.get('batch_size')} x "
+                   f"{train_cfg.get('block_size') or cfg.block_size} tokens x {train_cfg.get('grad_accum', 1)} "
+                   f"accumulation steps): {per_step * steps / 1e6:,.1f}M tokens on one GPU")
         out.append(f"- learning rate {train_cfg.get('learning_rate')} -> {train_cfg.get('min_lr')} (cosine, "
                    f"{train_cfg.get('warmup_iters')} warmup steps), AdamW, weight decay {train_cfg.get('weight_decay')}")
     if meta:

@@ -95,9 +95,13 @@ def write_model_dir(directory: Path, state: dict, cfg: ModelConfig, tokenizer: T
 
 
 def generation_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
-    """Stop at end-of-text; never emit the padding rows of the embedding (ids >= the tokenizer's)."""
+    """Decode as `storyseek generate` does: stop where it stops (end of text, or a template marker
+    that would begin a new document) and never emit the embedding's padding rows (ids >= the tokenizer's)."""
+    from ..generate.text import stop_ids
+
     eot = tokenizer.eot_id
-    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "max_length": cfg.block_size,
+    return {"bos_token_id": eot, "eos_token_id": [eot, *sorted(stop_ids(tokenizer, raw=False) - {eot})],
+            "pad_token_id": eot,
             "suppress_tokens": list(range(tokenizer.vocab_size, cfg.vocab_size)) or None}
 
 
