@@ -317,7 +317,7 @@ def _tokenize(blocks, tok: Tokenizer, writers: list[TokenWriter], threads: int, 
 def _fingerprint(cfg: PrepareConfig, source: dict) -> dict:
     """The arguments that determine the output; a different fingerprint means a different dataset."""
     args = dataclasses.asdict(cfg)
-    for k in ("num_proc", "out", "force", "data_files"):
+    for k in ("num_proc", "out", "force", "streaming", "data_files"):  # streaming: same rows either way
         args.pop(k)
     if source["kind"] == "files":
         args["files"] = source["files"]  # resolved paths with size and mtime: edited files rebuild
