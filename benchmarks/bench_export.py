@@ -46,16 +46,17 @@ def _export(model_path: str | None, preset: str, directory: Path) -> Path:
     return export_model(model_path, directory / "hf")
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def _time(fn, repeats: int):
+    """(best wall seconds over `repeats` runs after one warm-up, the last run's result)."""
+    fn()
+    best, result = float("inf"), None
     for _ in range(repeats):
         _sync()
         t = time.perf_counter()
-        fn()
+        result = fn()
         _sync()
         best = min(best, time.perf_counter() - t)
-    return best
+    return best, result
 
 
 def _sync() -> None:
@@ -71,7 +72,7 @@ def run(quick: bool, model: str | None = None, new_tokens: int | None = None, de
     from storyseek.generate.sampling import SamplingConfig
 
     n = new_tokens or (64 if quick else 256)
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 2
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as tmp:
         directory = _export(model, "tiny" if quick else "default", Path(tmp))
@@ -103,12 +104,10 @@ def run(quick: bool, model: str | None = None, new_tokens: int | None = None, de
         modes += [("transformers", False), ("transformers", True)] if cfg.mtp_depth else [("transformers", False)]
         for engine, mtp in modes:
             if engine == "storyseek":
-                seconds = _time(lambda: storyseek(mtp), repeats)
-                stats = storyseek(mtp)
+                seconds, stats = _time(lambda: storyseek(mtp), repeats)
                 row = {"kv_bytes_per_token": cache_bytes, "acceptance": stats.acceptance_rate}
             else:
-                seconds = _time(lambda: hf_generate(mtp), repeats)
-                out = hf_generate(mtp)
+                seconds, out = _time(lambda: hf_generate(mtp), repeats)
                 length = out.sequences.shape[1] - 1  # the last token is never fed back
                 cache = getattr(out, "cache", None) or out.past_key_values
                 tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
