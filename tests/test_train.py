@@ -116,8 +116,8 @@ def test_train_writes_log_console_checkpoints_and_plot(data, tmp_path, capsys):
 
 def test_loss_falls_on_the_builtin_corpus(data, tmp_path, capsys):
     out = tmp_path / "run"
-    rc, _, _ = _train(capsys, data, out, "--max-iters", "200", "--eval-interval", "100", "--eval-iters", "8",
-                      "--batch-size", "8", "--block-size", "64", "--learning-rate", "3e-3", "--warmup-iters", "20",
+    rc, _, _ = _train(capsys, data, out, "--max-iters", "150", "--eval-interval", "75", "--eval-iters", "8",
+                      "--batch-size", "8", "--block-size", "48", "--learning-rate", "3e-3", "--warmup-iters", "15",
                       "--checkpoint-interval", "0")
     assert rc == 0
     rows = _rows(out)
