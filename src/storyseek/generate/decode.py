@@ -197,8 +197,9 @@ class _Decoder:
             windows = [s[-self.block :] for s in self.seqs]
             lengths = torch.tensor([len(w) for w in windows], device=self.device)
             idx, _ = self._pad(windows)
-            logits = self.model(idx).logits  # [B, S, V]: causal, so padding after a row cannot change it
-            last = self._logits(logits[torch.arange(len(windows)), lengths - 1])
+            # Causal, so padding after a row cannot change it; the head runs on each row's last position only.
+            hidden = self.model(idx, last_only=True).hidden  # [B, S, D]
+            last = self._logits(self.model.head(hidden[torch.arange(len(windows)), lengths - 1]))
             tok, _ = self._choose(last, self.seen)
             yield self._accept([[t] for t in tok.tolist()])
 
