@@ -245,13 +245,13 @@ class _Decoder:
         cols = torch.arange(idx.size(1), device=self.device)
         nxt = torch.where(cols >= lengths[:, None] - 1, tok[:, None], idx.roll(-1, dims=1))
         yield self._accept([[t] for t in tok.tolist()])
-        draft_logits, _ = model.mtp_step(hidden, nxt, cache, pos)
+        draft_logits, _ = model.mtp_step(hidden, nxt, cache, pos, last_only=True)
         draft_logits = self._logits(draft_logits[:, -1])  # [B, V]: proposes t_n
         while True:
             for r in range(B):
                 if not self.done[r] and len(self.seqs[r]) + 1 > self.block:  # verify writes at n-1 and n
                     view, h, nx, ps = self._slide(cache, r)
-                    draft_logits[r] = self._logits(model.mtp_step(h, nx, view, ps)[0][0, -1])
+                    draft_logits[r] = self._logits(model.mtp_step(h, nx, view, ps, last_only=True)[0][0, -1])
             seen = self.seen
             draft, q = self._choose(draft_logits, seen)
             last = torch.tensor([s[-1] for s in self.seqs], device=self.device)
@@ -284,5 +284,5 @@ class _Decoder:
             h = torch.stack([out.hidden[:, 0], out.hidden[rows, second]], dim=1)  # [B, 2, D]
             nxt = torch.stack([first, torch.where(accepted, bonus, first)], dim=1)
             mpos = torch.stack([n1, n1 + second], dim=1)
-            draft_logits, _ = model.mtp_step(h, nxt, cache, mpos)
+            draft_logits, _ = model.mtp_step(h, nxt, cache, mpos, last_only=True)
             draft_logits = self._logits(draft_logits[:, -1])

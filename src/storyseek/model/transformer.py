@@ -125,14 +125,15 @@ class Transformer(nn.Module):
                            cfg.qk_rope_head_dim, dtype=dtype or self.embed.weight.dtype, device=self.embed.weight.device)
 
     def mtp_step(self, h_prev: torch.Tensor, next_idx: torch.Tensor, cache: LatentCache, pos: torch.Tensor,
-                 depth: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                 depth: int = 1, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP depth on the cache: h_prev [B, S, D] (main final-norm hidden, or depth-1's h) at
         positions pos [B, S], and next_idx [B, S] the tokens at pos + depth.
-        Returns (logits [B, S, vocab] for the tokens at pos + depth + 1, h_depth [B, S, D])."""
+        Returns (logits [B, S, vocab] for the tokens at pos + depth + 1, h_depth [B, S, D]);
+        `last_only`: logits [B, 1, vocab] for the last position only (a speculative draft)."""
         module = self.mtp[depth - 1]
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         h, _ = module(h_prev, self.embed(next_idx), cos, sin, self._layer_cache(cache, self.cfg.n_layer + depth - 1), pos)
-        return self.head(module.norm(h)), h
+        return self.head(module.norm(h[:, -1:] if last_only else h)), h
 
     @staticmethod
     def _layer_cache(cache: LatentCache | None, i: int):
