@@ -102,7 +102,8 @@ def _add_train(sub) -> None:
                             "most the checkpoint's"),
         ("grad-accum", int, "micro-steps per optimizer step (default 1)"),
         ("max-iters", int, "optimizer steps (default 20000; tiny 2000)"),
-        ("max-minutes", float, "stop cleanly after this many minutes: evaluate, write final_model.pt (default: no limit)"),
+        ("max-minutes", float, "stop cleanly after this many minutes: evaluate, write final_model.pt; the lr schedule "
+                                 "decays over whichever of --max-iters and this ends first (default: no limit)"),
         ("learning-rate", float, "peak learning rate (default 6e-4; tiny 1e-3)"),
         ("min-lr", float, "learning rate at the end of the cosine decay (default 6e-5; tiny 1e-4)"),
         ("warmup-iters", int, "linear warmup steps (default 2000; tiny 100)"),

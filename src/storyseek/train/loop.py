@@ -231,7 +231,11 @@ def _train(cfg: TrainConfig, base_cfg: ModelConfig | None, d: distributed.Dist) 
 
     try:
         while True:
-            lr = lr_at(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, decay_iters)
+            # Under --max-minutes the schedule follows whichever budget is nearer its end, so a
+            # time-bounded run (the demo) still anneals to min_lr instead of stopping at peak lr.
+            progress = iter_num if cfg.max_minutes <= 0 else max(
+                iter_num, (time.time() - t0) / (60 * cfg.max_minutes) * decay_iters)
+            lr = lr_at(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, decay_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 

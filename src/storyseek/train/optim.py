@@ -25,7 +25,7 @@ def configure_optimizer(model: nn.Module, learning_rate: float, weight_decay: fl
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
 
-def lr_at(it: int, learning_rate: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
+def lr_at(it: float, learning_rate: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
     """Linear warmup to learning_rate over warmup_iters, cosine decay to min_lr at decay_iters, then flat."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
