@@ -104,7 +104,7 @@ def run(quick: bool) -> dict:
     return results
 
 
-def _table(res: dict) -> str:
+def markdown(res: dict) -> str:
     rows = ["| run | input | docs | tokens | wall s | CPU s | docs/s | tokens/s | max RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["prepare_gpt2"]:
         rows.append(f"| prepare, gpt2 | {r['input_mb']} MB | {r['docs']:,} | {r['tokens']:,} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
@@ -115,7 +115,7 @@ def _table(res: dict) -> str:
     d = res["builtin_bpe4096"]
     rows.append(f"| prepare, builtin bpe:4096 (demo) | {d['stories']:,} stories | {d['docs']:,} | {d['tokens']:,} | {d['wall_s']:.1f} | "
                 f"{d['cpu_s']:.1f} | {d['docs_per_s']:,.0f} | {d['tokens_per_s'] / 1e6:.2f}M | {d['max_rss_mb']:.0f} |")
-    return f"machine: {res['machine']}\n\n" + "\n".join(rows)
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
@@ -124,6 +124,6 @@ if __name__ == "__main__":
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     a = ap.parse_args()
     res = run(a.quick)
-    print(_table(res))
+    print(f"machine: {res['machine']}\n\n{markdown(res)}")
     if a.json:
         print(json.dumps(res, indent=2))

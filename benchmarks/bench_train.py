@@ -123,14 +123,14 @@ def run(quick: bool = False, presets: tuple[str, ...] | None = None, batch: int 
     return results
 
 
-def print_table(results: dict) -> None:
-    print(f"training tokens/s (fwd + bwd + AdamW), batch {results['batch']} x {results['seq']}, "
-          f"{results['device']}; --dtype auto -> {results['auto_why']}")
-    print("| preset | variant | tokens/s | vs transformers fp32 | MFU |")
-    print("|---|---|---:|---:|---:|")
+def markdown(results: dict) -> str:
+    lines = [f"training tokens/s (fwd + bwd + AdamW), batch {results['batch']} x {results['seq']}, "
+             f"{results['device']}; --dtype auto -> {results['auto_why']}", "",
+             "| preset | variant | tokens/s | vs transformers fp32 | MFU |", "|---|---|---:|---:|---:|"]
     for r in results["rows"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-        print(f"| {r['preset']} | {r['variant']} | {r['tokens_per_sec']:,.0f} | {r['vs_reference_fp32']:.2f}x | {mfu} |")
+        lines.append(f"| {r['preset']} | {r['variant']} | {r['tokens_per_sec']:,.0f} | {r['vs_reference_fp32']:.2f}x | {mfu} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     a = ap.parse_args()
     results = run(a.quick, tuple(a.presets) if a.presets else None, a.batch, a.seq, a.rounds, a.steps, a.device)
-    print_table(results)
+    print(markdown(results))
     if a.json:
         print(json.dumps(results, indent=2))
 

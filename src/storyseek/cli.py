@@ -8,6 +8,7 @@ Every expected failure is a `StoryseekError`, printed here as one line on stderr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import StoryseekError
@@ -81,6 +82,7 @@ def _add_prepare(sub) -> None:
 
 
 def _add_train(sub) -> None:
+    from .model.config import FIELD_HELP
     from .train.config import DTYPES, model_flag_fields
 
     p = sub.add_parser(
@@ -134,11 +136,12 @@ def _add_train(sub) -> None:
     for flag, f in model_flag_fields():
         if flag in ("multi-token", "moe-experts"):
             continue
+        text = f"{FIELD_HELP[f.name]} (default {f.default})"
         if f.type in ("bool", bool):
-            m.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, help=f"(default {f.default})")
+            m.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            m.add_argument(f"--{flag}", type=kind, help=f"(default {f.default})")
+            m.add_argument(f"--{flag}", type=kind, help=text)
 
     def run(args):
         from .train.config import build_train_config
@@ -233,13 +236,26 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _env(name: str, default, kind):
+    """A default taken from the environment (how tests and CI shrink the demo)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        sys.exit(f"storyseek: error: ${name} must be a number, got {value!r}")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="offline end-to-end demo: corpus -> tokenizer -> train tiny model -> stories",
                        description="Prepare the embedded story corpus, train the tiny preset (MLA + MoE + MTP) for a few "
                        "minutes on this machine, write the log, plot and checkpoints under --out, and print two stories.")
     p.add_argument("--out", default="demo-run", help="output directory (default: demo-run)")
-    p.add_argument("--minutes", type=float, default=3.0, help="training time budget in minutes (default: 3)")
-    p.add_argument("--stories", type=int, default=20_000, help="stories drawn from the corpus (default: 20000)")
+    p.add_argument("--minutes", type=float, default=_env("STORYSEEK_DEMO_MINUTES", 3.0, float),
+                   help="training time budget in minutes (default: 3, or $STORYSEEK_DEMO_MINUTES)")
+    p.add_argument("--stories", type=int, default=_env("STORYSEEK_DEMO_STORIES", 20_000, int),
+                   help="stories drawn from the corpus (default: 20000, or $STORYSEEK_DEMO_STORIES)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ... (default: auto)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
     p.add_argument("--force", action="store_true", help="start over if --out holds an earlier demo run")

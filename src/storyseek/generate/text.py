@@ -41,18 +41,29 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, raw: bool) -> list[int]:
         raise StoryseekError("the prompt is not valid UTF-8 text") from None
     if raw:
         return tokenizer.encode(prompt, allow_special=False) or [tokenizer.eot_id]
-    return tokenizer.encode(story_prompt(prompt))
+    # Stop after the prompt: the model writes the rest of the header itself, a character line
+    # (`<|character|>Pip the mouse`) where its data had one, then `<|story|>` and the story.
+    return tokenizer.encode(story_prompt(prompt).removesuffix(STORY))
 
 
 def stop_ids(tokenizer: Tokenizer, raw: bool) -> set[int]:
-    """End of document; in story mode also a template marker that would start a new document."""
-    names = (END,) if raw else (END, PROMPT, CHARACTER, STORY)
+    """End of document; in story mode also the marker that would start a new document."""
+    names = (END,) if raw else (END, PROMPT)
     return {tokenizer.special_ids[n] for n in names if n in tokenizer.special_ids}
 
 
-def render(tokenizer: Tokenizer, ids: list[int], raw: bool) -> str:
+def render(tokenizer: Tokenizer, ids: list[int], raw: bool, final: bool = True) -> str:
+    """Story mode shows what follows `<|story|>` (nothing while the model is still writing the
+    header, unless this is the `final` text and it never got there), the moral on its own line."""
     text = tokenizer.decode(ids)
-    return text if raw else text.replace(MORAL, "\n\nMoral: ")
+    if raw:
+        return text
+    header, marker, story = text.partition(STORY)
+    if not marker:
+        if not final:
+            return ""
+        story = header
+    return story.lstrip().replace(MORAL, "\n\nMoral: ").replace(CHARACTER, " ")
 
 
 def _prepare(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: GenerateConfig) -> list[list[int]]:
@@ -79,7 +90,7 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: GenerateC
         if not step[0]:
             continue
         new.extend(step[0])
-        text = render(tokenizer, new, cfg.raw)
+        text = render(tokenizer, new, cfg.raw, final=False)
         if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
             continue
         if len(text) > shown:

@@ -101,6 +101,37 @@ def pad_vocab(n_tokens: int, multiple: int = 64) -> int:
     return -(-n_tokens // multiple) * multiple
 
 
+# One line per field for `storyseek train --help` and the README's flag table.
+FIELD_HELP: dict[str, str] = {
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads",
+    "n_embd": "model (residual stream) width",
+    "q_lora_rank": "MLA query compression rank; 0 = plain query projection",
+    "kv_lora_rank": "MLA compressed KV latent width d_c (what the cache stores)",
+    "qk_nope_head_dim": "per-head query/key width without position",
+    "qk_rope_head_dim": "decoupled RoPE width (per-head query part, one shared key)",
+    "v_head_dim": "per-head value width",
+    "rope_theta": "RoPE base",
+    "n_dense_layers": "first N blocks use a dense SwiGLU instead of MoE (first_k_dense_replace)",
+    "inter_dim": "hidden width of the dense SwiGLU",
+    "moe_inter_dim": "hidden width of one expert (the shared expert: n_shared_experts x this)",
+    "n_routed_experts": "routed experts per MoE layer",
+    "n_shared_experts": "shared experts per MoE layer (always active)",
+    "n_activated_experts": "routed experts per token (top-k)",
+    "score_func": "router scores: sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2)",
+    "route_scale": "routed scaling factor applied to the gate weights",
+    "bias_update_speed": "gamma of the auxiliary-loss-free bias update; 0 disables it",
+    "aux_loss_alpha": "weight of the expert balance loss; 0 disables it",
+    "aux_loss_type": "balance loss per sequence (V3) or per batch (V2)",
+    "mtp_depth": "MTP modules (--multi-token minus 1)",
+    "mtp_lambda": "weight of the MTP loss",
+    "norm_eps": "RMSNorm epsilon",
+    "dropout": "dropout on embeddings, attention and residual branches",
+    "tie_embeddings": "share the embedding and output head weights",
+    "init_std": "standard deviation of the initial weights",
+}
+
+
 PRESETS: dict[str, ModelConfig] = {
     # The headline model: 6 x 512, 8 heads, 1024 context, GPT-2 vocabulary, 1 dense + 5 MoE layers
     # (4 routed experts, top-2, plus 1 shared), MTP depth 1. ~16.4M non-embedding parameters.
