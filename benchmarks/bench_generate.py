@@ -32,19 +32,12 @@ PROMPT_LEN = 16
 
 
 def hf_model(cfg, dtype: torch.dtype):
-    """transformers' DeepseekV3ForCausalLM with the same dimensions (architecture notes 2.5 pitfalls)."""
+    """transformers' DeepseekV3ForCausalLM with the same dimensions, configured as our export is."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    hf_cfg = DeepseekV3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.inter_dim,
-        moe_intermediate_size=cfg.moe_inter_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_head, n_shared_experts=cfg.n_shared_experts, n_routed_experts=cfg.n_routed_experts,
-        routed_scaling_factor=cfg.route_scale, kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=None,
-        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, qk_nope_head_dim=cfg.qk_nope_head_dim,
-        n_group=1, topk_group=1, num_experts_per_tok=cfg.n_activated_experts, first_k_dense_replace=cfg.n_dense_layers,
-        norm_topk_prob=True, max_position_embeddings=cfg.block_size, tie_word_embeddings=True, rope_interleave=True,
-        bos_token_id=0, eos_token_id=None, pad_token_id=0,
-    )
+    from storyseek.train.hf_checkpoint import hf_config
+
+    hf_cfg = DeepseekV3Config(**hf_config(cfg, eot_id=0, dtype=torch.float32))
     torch.manual_seed(0)
     return DeepseekV3ForCausalLM(hf_cfg).to(dtype).eval()
 

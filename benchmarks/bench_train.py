@@ -29,18 +29,13 @@ from storyseek.train.precision import autocast, resolve_dtype
 
 
 def reference_model(cfg: ModelConfig) -> torch.nn.Module:
+    """transformers' DeepseekV3ForCausalLM with the same dimensions, configured as our export is."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    hf = DeepseekV3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.inter_dim,
-        moe_intermediate_size=cfg.moe_inter_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_head, n_shared_experts=cfg.n_shared_experts, n_routed_experts=cfg.n_routed_experts,
-        routed_scaling_factor=cfg.route_scale, kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=None,
-        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, qk_nope_head_dim=cfg.qk_nope_head_dim,
-        n_group=1, topk_group=1, num_experts_per_tok=cfg.n_activated_experts, first_k_dense_replace=cfg.n_dense_layers,
-        norm_topk_prob=True, max_position_embeddings=cfg.block_size, tie_word_embeddings=True, rope_interleave=True,
-        rms_norm_eps=cfg.norm_eps, attn_implementation="sdpa",
-    )
+    from storyseek.train.hf_checkpoint import hf_config
+
+    hf = DeepseekV3Config(**hf_config(cfg.replace(mtp_depth=0), eot_id=0, dtype=torch.float32),
+                          attn_implementation="sdpa")
     return DeepseekV3ForCausalLM(hf)
 
 

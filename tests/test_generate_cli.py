@@ -22,12 +22,7 @@ TEXTS = ["Once upon a time a brave mouse found a big red ball. It was happy. The
          "A little bird sang a song. Everyone smiled and the sun was warm."] * 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,34 @@ def run_bash(script: str, cwd: Path, **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_every_flag_of_every_command_is_in_the_readme():
+def flag_tables() -> str:
+    """The README's "Commands and flags" tables, generated from the argument parser itself."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    missing = [f"{name} {opt}" for name, p in sub.choices.items() for a in p._actions
-               for opt in a.option_strings if opt not in ("-h", "--help") and f"`{opt}`" not in README]
-    assert not missing, f"flags missing from the README: {missing}"
-    for name in sub.choices:
-        assert f"#### `storyseek {name}`" in README
+    helps = {c.dest: c.help for c in sub._choices_actions}
+    out = []
+    for name, p in sub.choices.items():
+        out += [f"#### `storyseek {name}`", "", p.description or helps[name], "", "| flag | meaning |", "|---|---|"]
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            flags = " / ".join(f"`{o}`" for o in a.option_strings) or f"`{a.metavar or a.dest.upper()}`"
+            text = (a.help or "").replace("|", "\\|")
+            if a.choices and a.option_strings:
+                text += f" (one of: {', '.join(map(str, a.choices))})"
+            out.append(f"| {flags} | {text} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def readme_flags_section(text: str) -> str:
+    start = text.index("#### `storyseek ")
+    return text[start : text.index("## Model presets")]
+
+
+def test_readme_flag_tables_match_the_cli():
+    """Regenerate with: python tests/test_readme.py --write"""
+    assert readme_flags_section(README).strip() == flag_tables().strip()
 
 
 def test_demo_block_runs_and_prints_stories(tmp_path):
@@ -69,3 +89,8 @@ def test_workflow_block_runs_offline_with_the_builtin_corpus(tmp_path):
     assert (tmp_path / "out/stories/training_metrics.png").exists()
     assert (tmp_path / "out/stories-hf/config.json").exists()
     assert "iteration,train_loss,val_loss" in (tmp_path / "out/stories/training_log.csv").read_text()
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    section = readme_flags_section(README)
+    (ROOT / "README.md").write_text(README.replace(section, flag_tables().strip() + "\n\n"), encoding="utf-8")

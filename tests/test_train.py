@@ -35,13 +35,7 @@ TINY = ["--preset", "tiny", "--n-layer", "2", "--n-embd", "64", "--block-size", 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy 2-core machine punishes spinning OpenMP)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +305,7 @@ def test_config_file_and_flags_precedence(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('preset = "tiny"\nbatch-size = 7\nmax_iters = 99\nn_layer = 3\nmulti_token = 1\n')
     cfg = build_train_config({"batch_size": 5}, toml)
-    assert (cfg.batch_size, cfg.max_iters, cfg.learning_rate) == (5, 99, 1e-3)  # flag > file > tiny preset
+    assert (cfg.batch_size, cfg.max_iters, cfg.learning_rate) == (5, 99, 4e-3)  # flag > file > tiny preset
     assert cfg.model == {"n_layer": 3, "mtp_depth": 0}
     yaml = tmp_path / "c.yaml"
     yaml.write_text("moe_experts: 8\ndtype: float32\n")

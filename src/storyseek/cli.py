@@ -99,23 +99,23 @@ def _add_train(sub) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (any flag; flags win)")
     t = p.add_argument_group("training")
     for flag, kind, text in (
-        ("batch-size", int, "sequences per micro-step per GPU (default 12; tiny 16)"),
+        ("batch-size", int, "sequences per micro-step per GPU (default 12; tiny 8)"),
         ("block-size", int, "tokens per sequence: the model's context for a new model; for --resume/--init-from at "
                             "most the checkpoint's"),
         ("grad-accum", int, "micro-steps per optimizer step (default 1)"),
         ("max-iters", int, "optimizer steps (default 20000; tiny 2000)"),
         ("max-minutes", float, "stop cleanly after this many minutes: evaluate, write final_model.pt; the lr schedule "
                                  "decays over whichever of --max-iters and this ends first (default: no limit)"),
-        ("learning-rate", float, "peak learning rate (default 6e-4; tiny 1e-3)"),
-        ("min-lr", float, "learning rate at the end of the cosine decay (default 6e-5; tiny 1e-4)"),
-        ("warmup-iters", int, "linear warmup steps (default 2000; tiny 100)"),
+        ("learning-rate", float, "peak learning rate (default 6e-4; tiny 4e-3)"),
+        ("min-lr", float, "learning rate at the end of the cosine decay (default 6e-5; tiny 4e-4)"),
+        ("warmup-iters", int, "linear warmup steps (default 2000; tiny 30)"),
         ("lr-decay-iters", int, "steps of the cosine decay (default: --max-iters)"),
         ("weight-decay", float, "AdamW weight decay on matrices (default 0.1)"),
         ("beta1", float, "AdamW beta1 (default 0.9)"),
         ("beta2", float, "AdamW beta2 (default 0.95)"),
         ("grad-clip", float, "clip the gradient norm to this (default 1.0; 0 disables)"),
         ("eval-interval", int, "evaluate, log and save latest.pt every N steps (default 1000; tiny 200)"),
-        ("eval-iters", int, "batches per evaluation and split (default 200; tiny 20)"),
+        ("eval-iters", int, "batches per evaluation and split (default 200; tiny 10)"),
         ("log-interval", int, "progress-bar refresh every N steps (default 10)"),
         ("checkpoint-interval", int, "write ckpt_<iter>.pt every N steps (default 2500; 0: never)"),
         ("seed", int, "random seed (default 1337)"),
@@ -252,8 +252,8 @@ def _add_demo(sub) -> None:
                        description="Prepare the embedded story corpus, train the tiny preset (MLA + MoE + MTP) for a few "
                        "minutes on this machine, write the log, plot and checkpoints under --out, and print two stories.")
     p.add_argument("--out", default="demo-run", help="output directory (default: demo-run)")
-    p.add_argument("--minutes", type=float, default=_env("STORYSEEK_DEMO_MINUTES", 3.0, float),
-                   help="training time budget in minutes (default: 3, or $STORYSEEK_DEMO_MINUTES)")
+    p.add_argument("--minutes", type=float, default=_env("STORYSEEK_DEMO_MINUTES", 4.0, float),
+                   help="training time budget in minutes (default: 4, or $STORYSEEK_DEMO_MINUTES)")
     p.add_argument("--stories", type=int, default=_env("STORYSEEK_DEMO_STORIES", 20_000, int),
                    help="stories drawn from the corpus (default: 20000, or $STORYSEEK_DEMO_STORIES)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ... (default: auto)")

@@ -15,16 +15,16 @@ from pathlib import Path
 from .data.prepare import PrepareConfig, prepare
 from .errors import StoryseekError
 
-PROMPTS = (
-    "Write a story about a shy little rabbit who finds the courage to go to the dark forest.",
-    "Write a story about a kind little bear who learns to share his red ball.",
+PROMPTS = (  # phrased like the corpus's own prompts, which is what a 4-minute model can follow
+    "Write a children's story about a shy little rabbit who learns that everyone needs a friend.",
+    "Write a children's story about a clever little fox who learns that it is okay to ask for help.",
 )
 
 
 @dataclass
 class DemoConfig:
     out: str = "demo-run"
-    minutes: float = 3.0  # training time budget
+    minutes: float = 4.0  # training time budget
     stories: int = 20_000  # stories drawn from the embedded corpus
     vocab: int = 2048  # trained byte-level BPE size: small, so the embedding does not dominate
     device: str = "auto"
@@ -64,7 +64,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     _step(3, "write two stories")
     best = out / "best_model.pt"
     model, tokenizer = load_model(best if best.exists() else out / "final_model.pt", device=cfg.device)
-    gen = GenerateConfig(max_tokens=300, seed=cfg.seed, sampling=SamplingConfig(temperature=0.7, top_p=0.9))
+    gen = GenerateConfig(max_tokens=300, seed=cfg.seed, sampling=SamplingConfig(temperature=0.4, top_p=0.9))
     result = generate(model, tokenizer, list(PROMPTS), gen)
     for prompt, story in zip(PROMPTS, result.texts):
         print(f"\n>>> {prompt}\n\n{story.strip()}\n")

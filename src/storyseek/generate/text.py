@@ -63,7 +63,7 @@ def render(tokenizer: Tokenizer, ids: list[int], raw: bool, final: bool = True) 
         if not final:
             return ""
         story = header
-    return story.lstrip().replace(MORAL, "\n\nMoral: ").replace(CHARACTER, " ")
+    return story.replace(CHARACTER, " ").lstrip().replace(MORAL, "\n\nMoral: ")
 
 
 def _prepare(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: GenerateConfig) -> list[list[int]]:

@@ -102,8 +102,8 @@ class TrainConfig:
 # (bs 12, lr 6e-4 -> 6e-5, warmup 2000, 20K iters); tiny is sized for a CPU in minutes.
 TRAIN_PRESETS: dict[str, dict] = {
     "default": {},
-    "tiny": dict(batch_size=16, max_iters=2000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
-                 eval_interval=200, eval_iters=20, checkpoint_interval=1000),
+    "tiny": dict(batch_size=8, max_iters=2000, learning_rate=4e-3, min_lr=4e-4, warmup_iters=30,
+                 eval_interval=200, eval_iters=10, checkpoint_interval=1000),
 }
 
 
