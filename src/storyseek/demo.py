@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +76,14 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 NEXT_STEPS = """
 What next:
-  storyseek generate --model {out}/best_model.pt --prompt "Write a story about a brave little fox"
-  storyseek train --data {data} --preset tiny --out {out} --resume --max-iters 4000   # train longer
-  storyseek plot {out}/training_log.csv                                              # redraw the curves
-  storyseek export --model {out}/best_model.pt --out {out}/hf                         # transformers format
-  # the real thing (network, a GPU): the full model on the Children-Stories-Collection
+  # more stories (--temperature, --top-p, --num-samples, --verbose for speed and MTP acceptance)
+  storyseek generate --model {out}/best_model.pt --prompt "Write a children's story about a brave little fox who learns to be brave for a friend."
+  # train longer: names stay consistent and stories follow their prompt better
+  storyseek train --data {data} --preset tiny --out {out} --resume --max-iters 4000
+  storyseek plot {out}/training_log.csv
+  # the transformers DeepseekV3 format
+  storyseek export --model {out}/best_model.pt --out {out}/hf
+  # the real thing (network, a GPU): the default preset on the Children-Stories-Collection
   storyseek prepare --out data/stories
   storyseek train --data data/stories --out out/stories
 """
@@ -90,5 +91,3 @@ What next:
 
 def _step(n: int, what: str) -> None:
     print(f"\n[{n}/3] {what}", flush=True)
-    sys.stdout.flush()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
