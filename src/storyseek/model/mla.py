@@ -9,8 +9,8 @@ Per token, with d_c = kv_lora_rank, d_n = qk_nope_head_dim, d_r = qk_rope_head_d
     [k_n ; v]_i  = wkv_b c  viewed per head   W^UK_i (d_n x d_c) and W^UV_i (d_v x d_c)
     score_i      = (q_n,i . k_n,i + RoPE(q_r,i) . k_r) / sqrt(d_n + d_r)
 
-Training and the cache-free forward expand K and V and call `scaled_dot_product_attention` (flash
-attention on GPUs). Cached decoding never expands them: q_n,i . (W^UK_i c) = (W^UK_i^T q_n,i) . c,
+Training, the cache-free forward and a fresh prefill expand K and V and call
+`scaled_dot_product_attention` (flash attention on GPUs). Cached decoding never expands them: q_n,i . (W^UK_i c) = (W^UK_i^T q_n,i) . c,
 so the query is moved into latent space and attends to the cached latents directly, and W^UV is
 applied after the attention-weighted sum of latents ("absorbed" form, DeepSeek-V2 appendix C).
 """
@@ -115,7 +115,15 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin)  # [B, S, d_r]
         if cache is None:
             return self._attend_expanded(q_nope, q_pe, c, k_pe)
-        return self._attend_latent(q_nope, q_pe, c, k_pe, cache, pos)
+        kv_cache, pe_cache = cache  # [B, T, d_c], [B, T, d_r]
+        rows = torch.arange(B, device=pos.device).unsqueeze(1)  # [B, 1]
+        kv_cache[rows, pos] = c.to(kv_cache.dtype)
+        pe_cache[rows, pos] = k_pe.to(pe_cache.dtype)
+        if S > 1 and torch.equal(pos, torch.arange(S, device=pos.device).expand(B, S)):
+            # A fresh prefill sees exactly its own tokens: the expanded causal form (flash attention
+            # on GPUs) beats materializing [S, S] latent scores.
+            return self._attend_expanded(q_nope, q_pe, c, k_pe)
+        return self._attend_latent(q_nope, q_pe, kv_cache, pe_cache, pos)
 
     def _attend_expanded(self, q_nope, q_pe, c, k_pe) -> torch.Tensor:
         B, S, H, _ = q_nope.shape
@@ -128,12 +136,7 @@ class MLA(nn.Module):
         )  # [B, H, S, d_v]
         return self.wo(y.transpose(1, 2).flatten(2))
 
-    def _attend_latent(self, q_nope, q_pe, c, k_pe, cache, pos) -> torch.Tensor:
-        kv_cache, pe_cache = cache  # [B, T, d_c], [B, T, d_r]
-        B, S = pos.shape
-        rows = torch.arange(B, device=pos.device).unsqueeze(1)  # [B, 1]
-        kv_cache[rows, pos] = c.to(kv_cache.dtype)
-        pe_cache[rows, pos] = k_pe.to(pe_cache.dtype)
+    def _attend_latent(self, q_nope, q_pe, kv_cache, pe_cache, pos) -> torch.Tensor:
         T = int(pos.max()) + 1  # only positions up to the furthest query can be attended
         kv, pe = kv_cache[:, :T], pe_cache[:, :T]
         w = self.wkv_b.weight.view(self.n_head, self.d_n + self.d_v, self.d_c)
