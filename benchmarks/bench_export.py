@@ -31,7 +31,7 @@ def _export(model_path: str | None, preset: str, directory: Path) -> Path:
     from storyseek.data.tokenizer import BPETokenizer, GPT2Tokenizer
     from storyseek.export.hf import export_model
     from storyseek.model import Transformer, get_preset, pad_vocab
-    from storyseek.train.checkpoint import save_checkpoint
+    from storyseek.checkpoint import save_checkpoint
 
     if model_path is None:
         if preset == "default":

@@ -35,7 +35,7 @@ def hf_model(cfg, dtype: torch.dtype):
     """transformers' DeepseekV3ForCausalLM with the same dimensions, configured as our export is."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from storyseek.train.hf_checkpoint import hf_config
+    from storyseek.checkpoint.hf import hf_config
 
     hf_cfg = DeepseekV3Config(**hf_config(cfg, eot_id=0, dtype=torch.float32))
     torch.manual_seed(0)

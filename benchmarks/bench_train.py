@@ -32,7 +32,7 @@ def reference_model(cfg: ModelConfig) -> torch.nn.Module:
     """transformers' DeepseekV3ForCausalLM with the same dimensions, configured as our export is."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from storyseek.train.hf_checkpoint import hf_config
+    from storyseek.checkpoint.hf import hf_config
 
     hf = DeepseekV3Config(**hf_config(cfg.replace(mtp_depth=0), eot_id=0, dtype=torch.float32),
                           attn_implementation="sdpa")

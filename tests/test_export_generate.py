@@ -8,9 +8,10 @@ from storyseek.export.hf import export_model
 from storyseek.generate.decode import GenerateConfig
 from storyseek.generate.load import load_model
 from storyseek.generate.sampling import SamplingConfig
-from storyseek.generate.text import encode_prompt, generate, stop_ids
+from storyseek.data.tokenizer import stop_ids
+from storyseek.generate.text import encode_prompt, generate
 from storyseek.model import Transformer, get_preset, pad_vocab
-from storyseek.train.checkpoint import save_checkpoint
+from storyseek.checkpoint import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,7 @@ from storyseek.data.tokenizer import BPETokenizer
 from storyseek.errors import StoryseekError
 from storyseek.export.hf import export_model
 from storyseek.model import Transformer, get_preset, pad_vocab
-from storyseek.train.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint, save_checkpoint
+from storyseek.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ from storyseek.data.tokenizer import BPETokenizer
 from storyseek.errors import StoryseekError
 from storyseek.export.hf import export_model
 from storyseek.model import Transformer, get_preset, pad_vocab
-from storyseek.train.checkpoint import save_checkpoint
+from storyseek.checkpoint import save_checkpoint
 
 TOKEN = "hf_SECRETtokenVALUE123"
 

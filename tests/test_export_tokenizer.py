@@ -8,7 +8,8 @@ import pytest
 
 from storyseek.data.template import story_document
 from storyseek.data.tokenizer import BPETokenizer, GPT2Tokenizer
-from storyseek.export.hf import hf_tokenizer_json, tokenizer_config
+from storyseek.data.tokenizer import hf_tokenizer_json
+from storyseek.export.hf import tokenizer_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,7 +15,7 @@ from storyseek.generate.load import load_model
 from storyseek.generate.sampling import SamplingConfig
 from storyseek.generate.text import generate, stream
 from storyseek.model import Transformer, get_preset, pad_vocab
-from storyseek.train.checkpoint import save_checkpoint
+from storyseek.checkpoint import save_checkpoint
 
 TEXTS = ["Once upon a time a brave mouse found a big red ball. It was happy. The end.",
          "Tom and Lily went to the park. They saw a dog and a kite in the sky.",

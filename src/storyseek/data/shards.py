@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoryseekError
+from ..files import write_atomic
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -31,19 +32,6 @@ _OUR_FILES = ("train.bin", "val.bin", "tokenizer.json", "tokenizer.storyseek.jso
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------- readers
@@ -152,7 +140,7 @@ class Staging:
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(f, self.out / f.name)
-        write_atomic(self.out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        write_atomic(self.out / META_FILE, json.dumps(meta, indent=2) + "\n")
         self.dir.rmdir()
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -6,6 +6,9 @@ embeds its `tokenizer.json` text), so a checkpoint carries the exact tokenizer i
 Ids: `gpt2` keeps GPT-2's 50,257 ids (its `<|endoftext|>` = 50256 is our end token) and appends the
 template's other special tokens as 50257.. (vocab_size 50,261). `bpe:N` has N ids in all; the
 special tokens are ids 0..4 in `template.SPECIAL_TOKENS` order.
+
+Also here: where generation stops (`stop_ids`), and the tokenizer as a Hugging Face `tokenizer.json`
+(`hf_tokenizer_json`) that gives exactly our ids, which export writes and `transformers` reads.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoryseekError
-from .template import END, SPECIAL_PATTERN, SPECIAL_TOKENS
+from ..files import write_atomic
+from .template import END, PROMPT, SPECIAL_PATTERN, SPECIAL_TOKENS
 
 TOKENIZER_FILE = "tokenizer.storyseek.json"  # our complete description (to_dict)
 HF_TOKENIZER_FILE = "tokenizer.json"  # the trained BPE in HF `tokenizers` format, for other tools
@@ -71,9 +75,7 @@ class Tokenizer:
         return tok
 
     def save(self, directory: str | Path) -> None:
-        from .shards import write_atomic
-
-        write_atomic(Path(directory) / TOKENIZER_FILE, json.dumps(self.to_dict()).encode())
+        write_atomic(Path(directory) / TOKENIZER_FILE, json.dumps(self.to_dict()))
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.spec}, vocab_size={self.vocab_size})"
@@ -205,10 +207,8 @@ class BPETokenizer(Tokenizer):
         }
 
     def save(self, directory: str | Path) -> None:
-        from .shards import write_atomic
-
         super().save(directory)
-        write_atomic(Path(directory) / HF_TOKENIZER_FILE, self._json.encode())
+        write_atomic(Path(directory) / HF_TOKENIZER_FILE, self._json)
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
@@ -245,3 +245,63 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     except (OSError, ValueError) as e:
         raise StoryseekError(f"{path}: unreadable tokenizer file ({e})") from None
     return Tokenizer.from_dict(d)
+
+
+def stop_ids(tokenizer: Tokenizer, raw: bool) -> set[int]:
+    """Where generation stops: the end of the document; in story mode (`raw` False) also the marker
+    that would begin a new one (`<|prompt|>`), as a model trained on the template may write it."""
+    names = (END,) if raw else (END, PROMPT)
+    return {tokenizer.special_ids[n] for n in names if n in tokenizer.special_ids}
+
+
+# ------------------------------------------------------------------ Hugging Face `tokenizers` JSON
+def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
+    """A `tokenizers` JSON that gives exactly our ids: the trained BPE already is one; GPT-2 is
+    rebuilt from tiktoken's ranks, as transformers' TikTokenConverter does, with our special tokens."""
+    if tokenizer.spec != "gpt2":
+        return tokenizer.to_dict()["tokenizer_json"]
+    import tiktoken
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    enc = tiktoken.get_encoding("r50k_base")  # already loaded (and checked) by our GPT2Tokenizer
+    ranks = enc._mergeable_ranks
+    char = _bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(char[x] for x in b)
+
+    # tiktoken merges the adjacent pair whose concatenation has the lowest rank; a BPE merge list
+    # ordered by the rank of the merged token reproduces that. ignore_merges: a pre-token that is
+    # itself in the vocabulary is taken whole, as tiktoken does.
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += [(rank, ranks[a], ranks[b], a, b) for a, b in splits]
+    merges.sort()
+    bpe = models.BPE({text(t): r for t, r in ranks.items()}, [(text(a), text(b)) for *_, a, b in merges],
+                     fuse_unk=False, ignore_merges=True)
+    tok = HFTokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, _ in specials])
+    wrong = [t for t, i in specials if tok.token_to_id(t) != i]
+    if wrong:
+        raise StoryseekError(f"cannot give {wrong[0]} its id {tokenizer.special_ids[wrong[0]]} in tokenizer.json")
+    return tok.to_str()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE works on these characters)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table

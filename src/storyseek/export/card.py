@@ -6,11 +6,11 @@ import csv
 import json
 from pathlib import Path
 
+from ..checkpoint.pt import METRICS_CSV
 from ..data.template import story_prompt
 from ..data.tokenizer import Tokenizer
 from ..model import ModelConfig
 from ..model.info import cache_bytes_per_token, count_parameters
-from ..train.metrics import CSV_NAME
 
 EXAMPLE_PROMPT = "Write a story about a brave little mouse who is afraid of the dark."
 
@@ -158,7 +158,7 @@ def _training_lines(state: dict, cfg: ModelConfig, train_cfg: dict, meta: dict, 
 
 def _final_losses(run_dir: Path) -> dict:
     """The last evaluated row of the run's training_log.csv: iteration, train/val/mtp losses."""
-    path = Path(run_dir) / CSV_NAME
+    path = Path(run_dir) / METRICS_CSV
     if not path.is_file():
         return {}
     with open(path, newline="", encoding="utf-8") as f:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..data.tokenizer import Tokenizer
 from ..errors import StoryseekError
 from ..model import Transformer
-from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

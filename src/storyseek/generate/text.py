@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..data.template import CHARACTER, END, MORAL, PROMPT, STORY, story_prompt
-from ..data.tokenizer import Tokenizer
+from ..data.tokenizer import Tokenizer, stop_ids
 from ..errors import StoryseekError
 from ..model import Transformer
 from .decode import DecodeStats, GenerateConfig, decode
@@ -44,12 +44,6 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, raw: bool) -> list[int]:
     # Stop after the prompt: the model writes the rest of the header itself, a character line
     # (`<|character|>Pip the mouse`) where its data had one, then `<|story|>` and the story.
     return tokenizer.encode(story_prompt(prompt).removesuffix(STORY))
-
-
-def stop_ids(tokenizer: Tokenizer, raw: bool) -> set[int]:
-    """End of document; in story mode also the marker that would start a new document."""
-    names = (END,) if raw else (END, PROMPT)
-    return {tokenizer.special_ids[n] for n in names if n in tokenizer.special_ids}
 
 
 def render(tokenizer: Tokenizer, ids: list[int], raw: bool, final: bool = True) -> str:

@@ -96,6 +96,11 @@ class ModelConfig:
         return cls(**d)
 
 
+# Fields that change how a model trains, not what its weights compute: `--init-from` may fine-tune
+# with other values, and DeepseekV3's config.json has no key for them (export keeps them aside).
+TRAINING_FIELDS = ("dropout", "bias_update_speed", "aux_loss_alpha", "aux_loss_type", "mtp_lambda")
+
+
 def pad_vocab(n_tokens: int, multiple: int = 64) -> int:
     """Embedding rows for a tokenizer of n_tokens ids, rounded up so matmuls tile evenly."""
     return -(-n_tokens // multiple) * multiple

@@ -25,21 +25,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import load_checkpoint, load_pretrained, save_checkpoint
+from ..checkpoint.pt import METRICS_CSV
 from ..data.shards import load_meta, open_tokens
 from ..data.tokenizer import load_tokenizer
 from ..errors import StoryseekError
 from ..model import ModelConfig, Transformer, get_preset, pad_vocab
+from ..model.config import TRAINING_FIELDS
 from ..model.info import count_parameters
 from . import distributed
-from .checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from .config import TrainConfig
-from .metrics import (CSV_NAME, MetricsLog, console_line, detail_line, flops_per_token, gpu_memory_gb, gpu_peak_flops,
+from .metrics import (MetricsLog, console_line, detail_line, flops_per_token, gpu_memory_gb, gpu_peak_flops,
                       plot_metrics, ram_gb)
 from .optim import configure_optimizer, lr_at
 from .precision import autocast, resolve_dtype
 
-# Settings that change how a model trains but not what its weights mean: --init-from may change them.
-FINETUNE_FIELDS = ("dropout", "bias_update_speed", "aux_loss_alpha", "aux_loss_type", "mtp_lambda", "block_size")
+# What --init-from may change: how the model trains, and its context (RoPE has no learned positions).
+FINETUNE_FIELDS = (*TRAINING_FIELDS, "block_size")
 
 
 class RandomWindows:
@@ -291,7 +293,7 @@ def _train(cfg: TrainConfig, base_cfg: ModelConfig | None, d: distributed.Dist) 
         save("final_model.pt", full=False)
         save("latest.pt", full=True)
         if master:
-            png = plot_metrics(out / CSV_NAME)
+            png = plot_metrics(out / METRICS_CSV)
             say(f"done: {iter_num} iters, best val_loss {best_val:.4f}; wrote {out / 'final_model.pt'}, {png}")
     finally:
         stats.close_progress()

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.pt import METRICS_CSV, METRICS_PLOT
 from ..errors import StoryseekError
+from ..files import atomic_write
 from ..model import ModelConfig
 
-CSV_NAME = "training_log.csv"
-PLOT_NAME = "training_metrics.png"
 CSV_COLUMNS = ("iteration", "train_loss", "val_loss", "learning_rate", "elapsed_time", "gpu_memory_gb",
                "tokens_per_sec", "mtp_loss", "balance_loss", "max_expert_load", "grad_norm", "mfu", "ram_gb")
 
@@ -86,15 +86,13 @@ class MetricsLog:
 
     def __init__(self, out: Path, resume_iter: int | None, tensorboard: bool, wandb: bool,
                  wandb_project: str, run_config: dict):
-        self.path = out / CSV_NAME
+        self.path = out / METRICS_CSV
         rows = _read_rows(self.path) if resume_iter is not None and self.path.is_file() else []
         kept = [r for r in rows if int(r["iteration"]) <= resume_iter] if resume_iter is not None else []
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
-        os.replace(tmp, self.path)
         self.tb = self.wandb = None
         if tensorboard:
             try:
@@ -173,9 +171,8 @@ def plot_metrics(csv_path: str | Path, png_path: str | Path | None = None) -> Pa
     axes[-1, 0].set_xlabel("iteration")
     fig.suptitle(f"storyseek training: {csv_path.parent.name}")
     fig.tight_layout()
-    png = Path(png_path) if png_path else csv_path.with_name(PLOT_NAME)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = Path(png_path) if png_path else csv_path.with_name(METRICS_PLOT)
+    with atomic_write(png) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png)
     return png

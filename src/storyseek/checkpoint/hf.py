@@ -1,4 +1,4 @@
-"""Checkpoints in the Hugging Face `transformers` DeepseekV3 layout, both ways.
+"""The Hugging Face `transformers` DeepseekV3 layout, both ways: tensor names and config.json.
 
 Our names follow DeepSeek-V3's official `inference/model.py`; `transformers` uses the names of
 DeepSeek's released checkpoints (the mapping in DeepSeek's `inference/convert.py`):
@@ -19,7 +19,8 @@ MTP layer on its own. RoPE needs no permutation: ours rotates consecutive pairs,
 `rope_interleave=True`.
 
 `load_hf_dir(dir)` reads such a directory (ours, or one `save_pretrained` wrote) into the same dict
-`load_checkpoint` returns, so generation and `--init-from` accept both.
+`load_checkpoint` returns, so generation and `--init-from` accept both; `export/hf.py` writes one
+with `to_hf_tensors` and `hf_config`.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ import torch
 from ..data.tokenizer import HF_TOKENIZER_FILE, TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer
 from ..errors import StoryseekError
 from ..model import ModelConfig
+from ..model.config import TRAINING_FIELDS
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-# Our settings that DeepseekV3Config has no field for (training-only), kept under this config.json key.
+# Our settings that DeepseekV3Config has no field for (TRAINING_FIELDS), kept under this config.json key.
 STORYSEEK_KEY = "storyseek"
-_TRAINING_FIELDS = ("bias_update_speed", "aux_loss_alpha", "aux_loss_type", "mtp_lambda", "dropout")
 
 _ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
          "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
@@ -175,7 +176,7 @@ def hf_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype, iters: int | No
         "initializer_range": cfg.init_std,
         "use_cache": True,
         "dtype": str(dtype).removeprefix("torch."),
-        STORYSEEK_KEY: {**{f: getattr(cfg, f) for f in _TRAINING_FIELDS}, "iter": iters},
+        STORYSEEK_KEY: {**{f: getattr(cfg, f) for f in TRAINING_FIELDS}, "iter": iters},
     }
 
 
@@ -240,7 +241,7 @@ def model_config_from_hf(d: dict, n_mtp_layers: int) -> ModelConfig:
         norm_eps=float(get("rms_norm_eps")),
         tie_embeddings=bool(get("tie_word_embeddings")),
         init_std=float(get("initializer_range")),
-        **{f: extra[f] for f in _TRAINING_FIELDS if f in extra},
+        **{f: extra[f] for f in TRAINING_FIELDS if f in extra},
     )
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: one self-contained file per save, written atomically, read without pickles.
+"""Our checkpoint file (`.pt`): one self-contained file per save, written atomically, read without pickles.
 
 A checkpoint is a dict that `torch.load(..., weights_only=True)` accepts:
 
@@ -9,41 +9,34 @@ A checkpoint is a dict that `torch.load(..., weights_only=True)` accepts:
     model           the model's state_dict (MoE biases included: they are buffers)
     iter            optimizer steps taken
     ... and whatever training adds (optimizer, RNG states, losses, its own config)
+
+Training writes these files and generation, export and `--init-from` read them; the format lives
+below all three so that loading a model for inference never goes through the training package.
+A training run's directory also holds the metrics log and plot, named here for the same reason
+(the model card reads them).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import StoryseekError
+from ..files import atomic_write
 from ..model import ModelConfig, Transformer
 
 CHECKPOINT_FORMAT = "storyseek-checkpoint"
 CHECKPOINT_VERSION = 1
+# A training run's directory (`storyseek train --out`): checkpoints beside the metrics log and plot.
+LATEST, BEST, FINAL = "latest.pt", "best_model.pt", "final_model.pt"
+METRICS_CSV, METRICS_PLOT = "training_log.csv", "training_metrics.png"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write `state` to a temporary file beside `path`, fsync it, then rename over `path`.
-
-    A crash at any moment leaves either the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `state` atomically: a crash at any moment leaves the old file or the new one, never a torn one."""
+    with atomic_write(path) as f:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, f)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -54,7 +47,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     path = Path(path)
     if path.is_dir():
-        from .hf_checkpoint import is_hf_dir, load_hf_dir
+        from .hf import is_hf_dir, load_hf_dir
 
         if not is_hf_dir(path):
             raise StoryseekError(f"{path} is a directory without config.json: "
@@ -96,6 +89,6 @@ def load_pretrained(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir() and not (path / "config.json").is_file():
         raise StoryseekError(f"--init-from {path}: a directory without config.json; give a storyseek checkpoint "
-                             f"file (e.g. {path}/best_model.pt) or an exported model directory")
+                             f"file (e.g. {path}/{BEST}) or an exported model directory")
     state = load_checkpoint(path)
     return {k: state[k] for k in ("model_config", "model", "tokenizer") if k in state}
