@@ -1,15 +1,22 @@
 """The training loop (`storyseek train`), top to bottom in the spirit of nanoGPT's train.py.
 
-    data -> model (fresh, --resume, --init-from) -> AdamW -> loop:
+    train(cfg)
+      Trainer(cfg)      setup: data -> model (fresh, --resume, --init-from) -> AdamW -> compile / DDP
+      Trainer.run()     the loop:
         every eval_interval: mean train/val next-token loss, console line, CSV, best_model.pt, latest.pt
         every checkpoint_interval: ckpt_<iter>.pt
-        grad_accum micro-steps (autocast) -> clip -> AdamW step -> MoE bias update (all-reduced load)
-    end (max_iters, --max-minutes): evaluate, final_model.pt, latest.pt, training_metrics.png
-    SIGINT / SIGTERM: latest.pt, then exit; a non-finite loss: stop, keeping the last good checkpoints
+        step(): grad_accum micro-steps (autocast) -> clip -> AdamW step -> MoE bias update (all-reduced load)
+      the end (max_iters, --max-minutes): evaluate, final_model.pt, latest.pt, training_metrics.png
 
-Exact resume: latest.pt holds the optimizer, the gradient scaler, every RNG (torch, CUDA, numpy,
-Python) and the batch sampler's generator as it was before drawing the next batch, per rank, so a
-resumed run draws the same batches and (fp32, CPU) reproduces the uninterrupted run's losses.
+SIGINT / SIGTERM: latest.pt, then exit with the usual message. The signal only raises a flag, read
+between steps and between evaluation batches, so it is acted on within a step or a batch (a cluster
+gives ~30 s before SIGKILL); a second signal stops at once. A non-finite loss stops the run, keeping
+the last good checkpoints.
+
+Exact resume: latest.pt holds the optimizer, the gradient scaler and the `TrainState` (progress, and
+every RNG: torch, CUDA, numpy, Python, and the batch sampler's generator as it was before drawing the
+next batch, per rank), so a resumed run draws the same batches and (fp32, CPU) reproduces the
+uninterrupted run's losses.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import math
 import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint, load_pretrained, save_checkpoint
-from ..checkpoint.pt import METRICS_CSV
+from ..checkpoint.pt import BEST, FINAL, LATEST, METRICS_CSV
+from ..data.batches import RandomWindows
 from ..data.shards import load_meta, open_tokens
-from ..data.tokenizer import load_tokenizer
+from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import StoryseekError
 from ..model import ModelConfig, Transformer, get_preset, pad_vocab
 from ..model.config import TRAINING_FIELDS
@@ -44,37 +53,31 @@ from .precision import autocast, resolve_dtype
 FINETUNE_FIELDS = (*TRAINING_FIELDS, "block_size")
 
 
-class RandomWindows:
-    """Batches of random [B, T] windows (x) and the windows one token later (y) from a token stream.
+@dataclass
+class TrainState:
+    """Where a run is: saved in every checkpoint beside the weights (latest.pt and ckpt_<iter>.pt also
+    hold the optimizer, scaler and RNGs) and restored by --resume."""
 
-    The next batch is read ahead, so on a GPU the disk read and host->device copy overlap the step
-    that is still running. `state()` is the generator state that redraws that pending batch."""
+    iter_num: int = 0  # optimizer steps taken
+    best_val_loss: float = math.inf
+    elapsed: float = 0.0  # training seconds before this process started (a resumed run adds on)
+    evaluated: bool = False  # iter_num's evaluation is done: a resumed run does not repeat it
+    rng: dict | None = None  # this rank's RNG states to restore (see _rng_state); None: seed them
 
-    def __init__(self, data: np.ndarray, batch_size: int, block_size: int, device: torch.device,
-                 seed: int, state: torch.Tensor | None = None):
-        self.data, self.B, self.T, self.device = data, batch_size, block_size, device
-        self.gen = torch.Generator().manual_seed(seed)
-        if state is not None:
-            self.gen.set_state(state)
-        self._state = self.gen.get_state()
-        self._next = self._draw()
+    @classmethod
+    def resumed(cls, start: dict, rank: int) -> TrainState:
+        rngs = start["rng"]
+        return cls(start["iter"], start["best_val_loss"], start["elapsed"], start["evaluated"],
+                   rngs[rank] if rank < len(rngs) else None)
 
-    def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.data) - self.T, (self.B,), generator=self.gen).tolist()
-        w = torch.from_numpy(np.stack([self.data[i : i + self.T + 1] for i in starts]).astype(np.int64))  # [B, T+1]
-        x, y = w[:, :-1], w[:, 1:]
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+    def saved(self, elapsed: float, rngs: list[dict] | None = None) -> dict:
+        """Checkpoint keys; `rngs` (every rank's, index = rank) makes it resumable."""
+        d = {"iter": self.iter_num, "best_val_loss": self.best_val_loss, "elapsed": elapsed}
+        return d if rngs is None else d | {"evaluated": self.evaluated, "rng": rngs}
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self._next
-        self._state = self.gen.get_state()
-        self._next = self._draw()
-        return batch
 
-    def state(self) -> torch.Tensor:
-        return self._state
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: stop at the next safe point, save latest.pt, exit."""
 
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None) -> Path:
@@ -84,227 +87,257 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | None = None) -> Path:
     the data). Under torchrun every rank calls this; rank 0 alone logs and writes files."""
     d = distributed.setup(cfg.device)
     try:
-        return _train(cfg, model_cfg, d)
+        return Trainer(cfg, model_cfg, d).run()
     finally:
         distributed.teardown(d)
 
 
-def _train(cfg: TrainConfig, base_cfg: ModelConfig | None, d: distributed.Dist) -> Path:
-    out, device, master = Path(cfg.out), d.device, d.is_master
-    say = print if master else (lambda *a, **k: None)
+class Trainer:
+    """One training run: `__init__` builds everything (nothing is written yet), `run` is the loop."""
 
-    # ---------------------------------------------------------------- data
-    meta = load_meta(cfg.data)
-    train_data, val_data = open_tokens(cfg.data, "train"), open_tokens(cfg.data, "val")
-    tokenizer = load_tokenizer(cfg.data)
-    vocab_size = pad_vocab(meta["tokenizer"]["vocab_size"])
+    def __init__(self, cfg: TrainConfig, base_cfg: ModelConfig | None, d: distributed.Dist):
+        self.cfg, self.d, self.out, self.device = cfg, d, Path(cfg.out), d.device
+        self.say = print if d.is_master else (lambda *a, **k: None)
 
-    # ----------------------------------------------------- where we start from
-    resume_path = out / "latest.pt"
-    if cfg.resume:
-        start = load_checkpoint(resume_path)
-        source = str(resume_path)
-    elif cfg.init_from:
-        start, source = load_pretrained(cfg.init_from), str(cfg.init_from)
-    else:
-        start, source = None, None
-        if resume_path.exists():
-            raise StoryseekError(f"{out} already holds a training run (latest.pt): add --resume to continue it, "
-                                 "or choose another --out")
-    if start is not None and start.get("tokenizer") and start["tokenizer"]["spec"] != tokenizer.spec:
-        raise StoryseekError(f"{source} was trained with the {start['tokenizer']['spec']} tokenizer but {cfg.data} "
-                             f"uses {tokenizer.spec}: train on data prepared with the same tokenizer")
-    model_cfg = _model_config(cfg, base_cfg, start, source, vocab_size)
-    T = cfg.block_size or model_cfg.block_size
-    for split, data in (("train", train_data), ("val", val_data)):
-        if len(data) <= T + 1:
-            raise StoryseekError(f"{cfg.data}: the {split} split has {len(data):,} tokens, too few for "
-                                 f"--block-size {T}; lower --block-size or prepare more data")
+        # ------------------------------------------------------------ data
+        meta = load_meta(cfg.data)
+        self.train_data, self.val_data = open_tokens(cfg.data, "train"), open_tokens(cfg.data, "val")
+        self.tokenizer = load_tokenizer(cfg.data)
 
-    # ---------------------------------------------------------------- model
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = Transformer(model_cfg)
-    if start is not None:
-        _load_weights(model, start["model"], source)
-    model.to(device)
-    dtype, why = resolve_dtype(cfg.dtype, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-    optimizer = configure_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    iter_num, best_val, elapsed_before, evaluated = 0, math.inf, 0.0, False
-    rng = None
-    if cfg.resume:
-        optimizer.load_state_dict(start["optimizer"])
-        scaler.load_state_dict(start["scaler"])
-        iter_num, best_val = start["iter"], start["best_val_loss"]
-        elapsed_before, evaluated = start["elapsed"], start["evaluated"]
-        rng = start["rng"][d.rank] if d.rank < len(start["rng"]) else None
-    _seed_or_restore(cfg.seed + d.rank, rng, device)
-    train_batches = RandomWindows(train_data, cfg.batch_size, T, device, cfg.seed + d.rank,
-                                  rng["sampler"] if rng else None)
-    del start
+        # ------------------------------------------------- where we start from
+        start, self.source = _starting_point(cfg, self.out, self.tokenizer)
+        self.model_cfg = _model_config(cfg, base_cfg, start, self.source, pad_vocab(meta["tokenizer"]["vocab_size"]))
+        self.T = cfg.block_size or self.model_cfg.block_size
+        for split, data in (("train", self.train_data), ("val", self.val_data)):
+            if len(data) <= self.T + 1:
+                raise StoryseekError(f"{cfg.data}: the {split} split has {len(data):,} tokens, too few for "
+                                     f"--block-size {self.T}; lower --block-size or prepare more data")
 
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        # ------------------------------------------------------------ model
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.raw_model = Transformer(self.model_cfg)
+        if start is not None:
+            _load_weights(self.raw_model, start["model"], self.source)
+        self.raw_model.to(self.device)
+        self.dtype, self.dtype_why = resolve_dtype(cfg.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+        self.ctx = autocast(self.device, self.dtype)
 
-        # Buffers are not re-broadcast each forward: each rank's expert-load counts must stay its own
-        # until the all-reduce, and the biases stay equal because every rank applies the same update.
-        # Unused parameters: an expert may receive no tokens in a step.
-        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                   else {"broadcast_buffers": False})
-        model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None,
-                    find_unused_parameters=model_cfg.n_moe_layers + model_cfg.mtp_depth > 0, **no_sync)
-    ctx = autocast(device, dtype)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    tokens_per_iter = cfg.batch_size * T * cfg.grad_accum * d.world_size
-    params = count_parameters(model_cfg)
-    flops_per_iter = flops_per_token(model_cfg, T, params["active"], params["mtp"]) * tokens_per_iter
-    peak = gpu_peak_flops(device)
-    peak = peak * d.world_size if peak else None
-
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        say(f"training {params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active non-embedding) "
-            f"on {device}" + (f" x {d.world_size} ranks" if d.enabled else "") + f", {why}")
-        say(f"{tokens_per_iter:,} tokens per iteration (batch {cfg.batch_size} x block {T} x grad_accum "
-            f"{cfg.grad_accum} x {d.world_size} ranks); data {cfg.data}: {len(train_data):,} train tokens")
+        # ------------------------------------------- optimizer and progress
+        self.optimizer = configure_optimizer(self.raw_model, cfg.learning_rate, cfg.weight_decay,
+                                             (cfg.beta1, cfg.beta2), self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.state = TrainState()
         if cfg.resume:
-            say(f"resuming from {resume_path} at iter {iter_num}")
+            self.optimizer.load_state_dict(start["optimizer"])
+            self.scaler.load_state_dict(start["scaler"])
+            self.state = TrainState.resumed(start, d.rank)
+        _seed_or_restore(cfg.seed + d.rank, self.state.rng, self.device)
+        self.train_batches = RandomWindows(self.train_data, cfg.batch_size, self.T, self.device, cfg.seed + d.rank,
+                                           self.state.rng["sampler"] if self.state.rng else None)
+        del start
+        self.model = _wrap(self.raw_model, cfg, d)
+
+        # ------------------------------------------------- what we report
+        self.tokens_per_iter = cfg.batch_size * self.T * cfg.grad_accum * d.world_size
+        params = count_parameters(self.model_cfg)
+        self.flops_per_iter = flops_per_token(self.model_cfg, self.T, params["active"], params["mtp"]) * self.tokens_per_iter
+        peak = gpu_peak_flops(self.device)
+        self.peak_flops = peak * d.world_size if peak else None
+        self.stats = _Interval(self.model_cfg, self.device)
+        self.stop = _StopSignals()
+        self.lr = cfg.learning_rate  # set by the schedule before every step
+        self.t0 = self.t_interval = time.time()  # restarted by run(): the start, and the last evaluation
+        self.first_iter, self.iters_interval = self.state.iter_num, 0
+        if d.is_master:
+            self._announce(params)
+        self.log = MetricsLog(self.out, self.state.iter_num if cfg.resume else None, cfg.tensorboard, cfg.wandb,
+                              cfg.wandb_project, {**cfg.to_dict(), "model_config": self.model_cfg.to_dict()}
+                              ) if d.is_master else None
+
+    def _announce(self, params: dict) -> None:
+        cfg, d = self.cfg, self.d
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.say(f"training {params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active "
+                 f"non-embedding) on {self.device}" + (f" x {d.world_size} ranks" if d.enabled else "")
+                 + f", {self.dtype_why}")
+        self.say(f"{self.tokens_per_iter:,} tokens per iteration (batch {cfg.batch_size} x block {self.T} x "
+                 f"grad_accum {cfg.grad_accum} x {d.world_size} ranks); data {cfg.data}: "
+                 f"{len(self.train_data):,} train tokens")
+        if cfg.resume:
+            self.say(f"resuming from {self.source} at iter {self.state.iter_num}")
         elif cfg.init_from:
-            say(f"initialized from {cfg.init_from}")
-    log = MetricsLog(out, iter_num if cfg.resume else None, cfg.tensorboard, cfg.wandb, cfg.wandb_project,
-                     {**cfg.to_dict(), "model_config": model_cfg.to_dict()}) if master else None
+            self.say(f"initialized from {cfg.init_from}")
 
-    def save(name: str, full: bool) -> None:
-        """Every rank calls this (the RNG gather is collective); rank 0 writes OUT/name."""
-        state = {"model_config": model_cfg.to_dict(), "tokenizer": tokenizer.to_dict(),
-                 "model": raw_model.state_dict(), "iter": iter_num, "best_val_loss": best_val,
-                 "train_config": cfg.to_dict(), "elapsed": elapsed_before + time.time() - t0}
-        if full:
-            state |= {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "evaluated": evaluated,
-                      "rng": _gather_rng(_rng_state(train_batches, device), d)}
-        if master:
-            save_checkpoint(out / name, state)
+    # ------------------------------------------------------------------------------------- the loop
+    def run(self) -> Path:
+        d, state = self.d, self.state
+        self.t0 = self.t_interval = time.time()
+        self.first_iter, self.iters_interval = state.iter_num, 0
+        try:
+            with self.stop:
+                try:
+                    self._loop()
+                except Interrupted:
+                    self.stats.check_finite(state.iter_num, self.out)
+                    self.save(LATEST, full=True)
+                    self.say(f"interrupted at iter {state.iter_num}: saved {self.out / LATEST}; continue with --resume")
+                    raise KeyboardInterrupt from None
+        finally:
+            self.stats.close_progress()
+            if self.log is not None:
+                self.log.close()
+        if d.is_master:
+            png = plot_metrics(self.out / METRICS_CSV)
+            self.say(f"done: {state.iter_num} iters, best val_loss {state.best_val_loss:.4f}; "
+                     f"wrote {self.out / FINAL}, {png}")
+        return self.out
 
-    @torch.no_grad()
-    def estimate_loss() -> dict[str, float]:
-        """Mean next-token loss per split over eval_iters batches per rank (the same batches every
-        evaluation, so successive numbers compare), averaged over ranks. No MTP: runs compare."""
-        raw_model.eval()
-        losses = {}
-        for i, (split, data) in enumerate((("train", train_data), ("val", val_data))):
-            batches = RandomWindows(data, cfg.batch_size, T, device, seed=10_000 * (i + 1) + d.rank)
-            total = torch.zeros((), device=device)
-            for _ in range(cfg.eval_iters):
-                x, y = next(batches)
-                with ctx:
-                    logits = raw_model(x).logits
-                total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            losses[split] = distributed.all_reduce_sum(total, d).item() / (cfg.eval_iters * d.world_size)
-        raw_model.train()
-        return losses
-
-    # SIGINT/SIGTERM only raise a flag; the loop saves latest.pt at the next step boundary.
-    stop_signal: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    stats = _Interval(model_cfg, device)
-    t0 = t_interval = time.time()
-    first_iter, iters_interval = iter_num, 0
-
-    def evaluate_and_report() -> None:
-        nonlocal best_val, evaluated, t_interval, iters_interval
-        stats.check_finite(iter_num, out)
-        dt = time.time() - t_interval
-        losses = estimate_loss()
-        speed = tokens_per_iter * iters_interval / dt if iters_interval else None
-        mfu = flops_per_iter * iters_interval / dt / peak if peak and iters_interval else None
-        _report(log, iter_num, losses, lr, elapsed_before + time.time() - t0, stats, speed, mfu, device, out, say)
-        if iter_num > 0 and losses["val"] < best_val:
-            best_val = losses["val"]
-            save("best_model.pt", full=False)
-        evaluated = True
-        t_interval, iters_interval = time.time(), 0
-
-    try:
+    def _loop(self) -> None:
+        """Steps until max_iters or --max-minutes, evaluating and saving on the way; then the last
+        evaluation and final_model.pt. Raises Interrupted at the first check after a stop signal."""
+        cfg, d, state = self.cfg, self.d, self.state
+        decay_iters = cfg.lr_decay_iters or cfg.max_iters
         while True:
             # Under --max-minutes the schedule follows whichever budget is nearer its end, so a
             # time-bounded run (the demo) still anneals to min_lr instead of stopping at peak lr.
-            progress = iter_num if cfg.max_minutes <= 0 else max(
-                iter_num, (time.time() - t0) / (60 * cfg.max_minutes) * decay_iters)
-            lr = lr_at(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, decay_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            progress = state.iter_num if cfg.max_minutes <= 0 else max(
+                state.iter_num, (time.time() - self.t0) / (60 * cfg.max_minutes) * decay_iters)
+            self.lr = lr_at(progress, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, decay_iters)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
 
-            if iter_num % cfg.eval_interval == 0 and not evaluated:
-                evaluate_and_report()
-                save("latest.pt", full=True)
-            if cfg.checkpoint_interval and iter_num % cfg.checkpoint_interval == 0 and iter_num > first_iter:
-                stats.check_finite(iter_num, out)
-                save(f"ckpt_{iter_num}.pt", full=True)
+            if state.iter_num % cfg.eval_interval == 0 and not state.evaluated:
+                self.evaluate()
+                self.save(LATEST, full=True)
+            if cfg.checkpoint_interval and state.iter_num % cfg.checkpoint_interval == 0 and state.iter_num > self.first_iter:
+                self.stats.check_finite(state.iter_num, self.out)
+                self.save(f"ckpt_{state.iter_num}.pt", full=True)
 
-            timed_out = cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes
-            if not d.enabled or iter_num % cfg.log_interval == 0:
-                if distributed.any_rank(bool(stop_signal), d):
-                    stats.check_finite(iter_num, out)
-                    save("latest.pt", full=True)
-                    say(f"interrupted at iter {iter_num}: saved {out / 'latest.pt'}; continue with --resume")
-                    raise KeyboardInterrupt
-                if distributed.any_rank(timed_out, d) and iter_num < cfg.max_iters:
-                    say(f"--max-minutes {cfg.max_minutes:g} reached at iter {iter_num}")
+            timed_out = cfg.max_minutes > 0 and time.time() - self.t0 > 60 * cfg.max_minutes
+            if not d.enabled or state.iter_num % cfg.log_interval == 0:  # (under DDP a collective: not every step)
+                if self.stop.any_rank(d):
+                    raise Interrupted
+                if distributed.any_rank(timed_out, d) and state.iter_num < cfg.max_iters:
+                    self.say(f"--max-minutes {cfg.max_minutes:g} reached at iter {state.iter_num}")
                     break
-            if iter_num >= cfg.max_iters:
+            if state.iter_num >= cfg.max_iters:
                 break
+            self.step()
 
-            # ---------------------------------------------------- one optimizer step
-            for micro in range(cfg.grad_accum):
-                if d.enabled:  # all-reduce gradients only on the last micro-step
-                    model.require_backward_grad_sync = micro == cfg.grad_accum - 1
-                x, y = next(train_batches)  # (it reads the following batch ahead, overlapping the device)
-                with ctx:
-                    o = model(x, y)
-                scaler.scale(o.loss / cfg.grad_accum).backward()
-                stats.add_losses(o)
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                stats.grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if stats.has_moe:
-                load = distributed.all_reduce_sum(raw_model.expert_load(), d)  # [n_moe_layers, E]
-                stats.load += load
-                raw_model.update_expert_bias(load)
-            iter_num += 1
-            iters_interval += 1
-            evaluated = False
-            if iter_num % cfg.log_interval == 0:
-                stats.check_finite(iter_num, out)
-                stats.progress(iter_num, cfg.eval_interval, tokens_per_iter * iters_interval / (time.time() - t_interval), master)
+        if not state.evaluated:
+            self.evaluate()
+        self.save(FINAL, full=False)
+        self.save(LATEST, full=True)
 
-        # --------------------------------------------------------------- the end
-        if not evaluated:
-            evaluate_and_report()
-        save("final_model.pt", full=False)
-        save("latest.pt", full=True)
-        if master:
-            png = plot_metrics(out / METRICS_CSV)
-            say(f"done: {iter_num} iters, best val_loss {best_val:.4f}; wrote {out / 'final_model.pt'}, {png}")
-    finally:
-        stats.close_progress()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if log is not None:
-            log.close()
-    return out
+    def step(self) -> None:
+        """One optimizer step: grad_accum micro-steps, clip, AdamW, then the MoE bias update."""
+        cfg, d = self.cfg, self.d
+        for micro in range(cfg.grad_accum):
+            if d.enabled:  # all-reduce gradients only on the last micro-step
+                self.model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+            x, y = next(self.train_batches)  # (it reads the following batch ahead, overlapping the device)
+            with self.ctx:
+                o = self.model(x, y)
+            self.scaler.scale(o.loss / cfg.grad_accum).backward()
+            self.stats.add_losses(o)
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            self.stats.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.stats.has_moe:
+            load = distributed.all_reduce_sum(self.raw_model.expert_load(), d)  # [n_moe_layers, E]
+            self.stats.load += load
+            self.raw_model.update_expert_bias(load)
+        self.state.iter_num += 1
+        self.iters_interval += 1
+        self.state.evaluated = False
+        if self.state.iter_num % cfg.log_interval == 0:
+            self.stats.check_finite(self.state.iter_num, self.out)
+            tokens_per_sec = self.tokens_per_iter * self.iters_interval / (time.time() - self.t_interval)
+            self.stats.progress(self.state.iter_num, cfg.eval_interval, tokens_per_sec, d.is_master)
+
+    # ---------------------------------------------------------------------------- evaluation, saving
+    def evaluate(self) -> None:
+        """Losses on both splits, the console lines and CSV row, best_model.pt when val improved."""
+        state, iters = self.state, self.iters_interval
+        self.stats.check_finite(state.iter_num, self.out)
+        dt = time.time() - self.t_interval
+        losses = self.estimate_loss()
+        speed = self.tokens_per_iter * iters / dt if iters else None
+        mfu = self.flops_per_iter * iters / dt / self.peak_flops if self.peak_flops and iters else None
+        _report(self.log, state.iter_num, losses, self.lr, self.elapsed(), self.stats, speed, mfu, self.device,
+                self.out, self.say)
+        if state.iter_num > 0 and losses["val"] < state.best_val_loss:
+            state.best_val_loss = losses["val"]
+            self.save(BEST, full=False)
+        state.evaluated = True
+        self.t_interval, self.iters_interval = time.time(), 0
+
+    @torch.no_grad()
+    def estimate_loss(self) -> dict[str, float]:
+        """Mean next-token loss per split over eval_iters batches per rank (the same batches every
+        evaluation, so successive numbers compare), averaged over ranks. No MTP: runs compare.
+        A stop signal is checked after every batch (with all ranks, so they leave together)."""
+        cfg, d = self.cfg, self.d
+        self.raw_model.eval()
+        losses = {}
+        try:
+            for i, (split, data) in enumerate((("train", self.train_data), ("val", self.val_data))):
+                batches = RandomWindows(data, cfg.batch_size, self.T, self.device, seed=10_000 * (i + 1) + d.rank)
+                total = torch.zeros((), device=self.device)
+                for _ in range(cfg.eval_iters):
+                    x, y = next(batches)
+                    with self.ctx:
+                        logits = self.raw_model(x).logits
+                    total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                    if self.stop.any_rank(d):
+                        raise Interrupted
+                losses[split] = distributed.all_reduce_sum(total, d).item() / (cfg.eval_iters * d.world_size)
+        finally:
+            self.raw_model.train()
+        return losses
+
+    def elapsed(self) -> float:
+        return self.state.elapsed + time.time() - self.t0
+
+    def save(self, name: str, full: bool) -> None:
+        """Every rank calls this (the RNG gather is collective); rank 0 writes OUT/name.
+        `full`: everything --resume needs (optimizer, scaler, RNGs), else the weights and progress."""
+        state = {"model_config": self.model_cfg.to_dict(), "tokenizer": self.tokenizer.to_dict(),
+                 "model": self.raw_model.state_dict(), "train_config": self.cfg.to_dict()}
+        rngs = _gather_rng(_rng_state(self.train_batches, self.device), self.d) if full else None
+        state |= self.state.saved(self.elapsed(), rngs)
+        if full:
+            state |= {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        if self.d.is_master:
+            save_checkpoint(self.out / name, state)
 
 
-# --------------------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------------------- setup helpers
+
+
+def _starting_point(cfg: TrainConfig, out: Path, tokenizer: Tokenizer) -> tuple[dict | None, str | None]:
+    """(checkpoint dict, where it came from): OUT/latest.pt for --resume, the --init-from weights, or
+    (None, None) for a fresh model, which refuses an OUT that already holds a run."""
+    resume_path = out / LATEST
+    if cfg.resume:
+        start, source = load_checkpoint(resume_path), str(resume_path)
+    elif cfg.init_from:
+        start, source = load_pretrained(cfg.init_from), str(cfg.init_from)
+    else:
+        if resume_path.exists():
+            raise StoryseekError(f"{out} already holds a training run ({LATEST}): add --resume to continue it, "
+                                 "or choose another --out")
+        return None, None
+    if start.get("tokenizer") and start["tokenizer"]["spec"] != tokenizer.spec:
+        raise StoryseekError(f"{source} was trained with the {start['tokenizer']['spec']} tokenizer but {cfg.data} "
+                             f"uses {tokenizer.spec}: train on data prepared with the same tokenizer")
+    return start, source
 
 
 def _model_config(cfg: TrainConfig, base_cfg: ModelConfig | None, start: dict | None, source: str | None,
@@ -335,6 +368,52 @@ def _load_weights(model: Transformer, state_dict: dict, source: str) -> None:
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise StoryseekError(f"{source}: its weights do not fit this model ({first})") from None
+
+
+def _wrap(model: Transformer, cfg: TrainConfig, d: distributed.Dist) -> torch.nn.Module:
+    """What the training step calls: the model, compiled (--compile), inside DDP (torchrun)."""
+    find_unused = model.cfg.n_moe_layers + model.cfg.mtp_depth > 0  # an expert may receive no tokens in a step
+    if cfg.compile:
+        model = torch.compile(model)
+    if not d.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Buffers are not re-broadcast each forward: each rank's expert-load counts must stay its own
+    # until the all-reduce, and the biases stay equal because every rank applies the same update.
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+               find_unused_parameters=find_unused, **no_sync)
+
+
+# --------------------------------------------------------------------------------- signals and RNGs
+
+
+class _StopSignals:
+    """Inside `with`: SIGINT / SIGTERM only raise a flag (the loop saves latest.pt at its next check);
+    a second signal raises KeyboardInterrupt at once, for a user who will not wait for the save."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def any_rank(self, d: distributed.Dist) -> bool:
+        """Whether any rank was signalled (collective under DDP: every rank must call it together)."""
+        return distributed.any_rank(self.signum is not None, d)
 
 
 def _rng_state(batches: RandomWindows, device: torch.device) -> dict:
@@ -371,6 +450,9 @@ def _gather_rng(state: dict, d: distributed.Dist) -> list[dict]:
     states = [None] * d.world_size
     dist.all_gather_object(states, state)
     return states
+
+
+# ------------------------------------------------------------------------------------------ reporting
 
 
 class _Interval:
