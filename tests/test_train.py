@@ -301,23 +301,6 @@ def test_init_from_fine_tunes_from_the_checkpoint_weights(data, tmp_path, capsys
 # ---------------------------------------------------------------------------------------- the parts
 
 
-def test_config_file_and_flags_precedence(tmp_path):
-    toml = tmp_path / "c.toml"
-    toml.write_text('preset = "tiny"\nbatch-size = 7\nmax_iters = 99\nn_layer = 3\nmulti_token = 1\n')
-    cfg = build_train_config({"batch_size": 5}, toml)
-    assert (cfg.batch_size, cfg.max_iters, cfg.learning_rate) == (5, 99, 4e-3)  # flag > file > tiny preset
-    assert cfg.model == {"n_layer": 3, "mtp_depth": 0}
-    yaml = tmp_path / "c.yaml"
-    yaml.write_text("moe_experts: 8\ndtype: float32\n")
-    cfg = build_train_config({}, yaml)
-    assert cfg.model == {"n_routed_experts": 8} and cfg.dtype == "float32" and cfg.batch_size == 12
-    (tmp_path / "bad.toml").write_text("batch_sise = 3\n")
-    with pytest.raises(StoryseekError, match="unknown setting 'batch_sise'"):
-        build_train_config({}, tmp_path / "bad.toml")
-    with pytest.raises(StoryseekError, match="unknown --dtype"):
-        TrainConfig(dtype="int8")
-
-
 def test_weight_decay_on_matrices_only_and_the_schedule():
     from storyseek.model import get_preset
 

@@ -35,120 +35,60 @@ def _add_info(sub) -> None:
 
 
 def _add_prepare(sub) -> None:
+    from .data.prepare import PRESETS, PrepareConfig
+
     p = sub.add_parser(
         "prepare",
         help="turn a dataset into tokenized train/val shards (train.bin, val.bin, meta.json)",
         description="Read stories (Hugging Face Hub, local files, FineWeb-edu, or the builtin generator), "
         "format them with the document template, tokenize, and write OUT/train.bin, OUT/val.bin, OUT/meta.json.",
     )
-    src = p.add_argument_group("source")
-    src.add_argument("--dataset", help="Hugging Face dataset name, or 'builtin' for the offline story generator "
-                     "(default: ajibawa-2023/Children-Stories-Collection)")
-    src.add_argument("--config", help="dataset configuration (subset) on the Hub")
-    src.add_argument("--split", help="Hub split to read (default: train)")
-    src.add_argument("--streaming", action="store_const", const=True, help="stream from the Hub instead of downloading")
-    src.add_argument("--data-files", nargs="+", metavar="PATH",
-                     help="local .jsonl/.json/.csv/.parquet/.txt files or globs (instead of --dataset)")
-    src.add_argument("--preset", choices=["fineweb-edu"], help="fineweb-edu: HuggingFaceFW/fineweb-edu sample-10BT, "
-                     "streamed, text format, English, score >= 3, 100-3000 chars, 80/20 split")
-    src.add_argument("--max-docs", type=int, help="stop after N kept documents (builtin: stories to generate, default 20000)")
-    src.add_argument("--max-files", type=int, help="read only the first N data files")
-    src.add_argument("--seed", type=int, help="builtin generator seed (default: 0)")
-    rec = p.add_argument_group("records")
-    rec.add_argument("--format", choices=["story", "text"], help="story: prompt/character/story/moral template "
-                     "(default); text: plain text continuation")
-    rec.add_argument("--prompt-column", help="column holding the prompt (default: prompt)")
-    rec.add_argument("--text-column", help="column holding the story/text (default: text)")
-    rec.add_argument("--min-score", type=float, help="keep rows whose 'score' column is >= this (fineweb-edu: 3.0)")
-    rec.add_argument("--min-chars", type=int, help="drop texts shorter than this (default: 32; fineweb-edu: 100)")
-    rec.add_argument("--max-chars", type=int, help="drop texts longer than this (default: none; fineweb-edu: 3000)")
-    rec.add_argument("--lowercase", action="store_const", const=True, help="lowercase everything (default: keep case)")
-    rec.add_argument("--val-fraction", type=float, help="share of documents for validation (default: 0.05; fineweb-edu: 0.2)")
-    tok = p.add_argument_group("tokenizer and output")
-    tok.add_argument("--tokenizer", help="gpt2 (default) or bpe:N, a byte-level BPE of N tokens trained on the data")
-    tok.add_argument("--num-proc", type=int, help="tokenizer threads (default: all cores)")
-    tok.add_argument("--out", help="output directory (default: data/<dataset>-<tokenizer>)")
-    tok.add_argument("--force", action="store_const", const=True, help="rebuild even if OUT holds a preparation")
+    _add_settings(p, PrepareConfig, presets=PRESETS)
 
     def run(args):
-        from .data.prepare import PrepareConfig, prepare
+        from .data.prepare import prepare
 
-        given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "preset") and v is not None}
-        if "data_files" in given:
-            given["data_files"] = tuple(given["data_files"])
-        prepare(PrepareConfig.from_preset(args.preset, **given))
+        typed = _typed(args)
+        prepare(PrepareConfig.from_preset(typed.pop("preset", None), **typed))
 
     p.set_defaults(func=run)
 
 
 def _add_train(sub) -> None:
-    from .model.config import FIELD_HELP
-    from .train.config import DTYPES, model_flag_fields
+    from .model.config import FIELD_HELP, PRESETS
+    from .train.config import TRAIN_PRESETS, TrainConfig, model_flag_fields
 
     p = sub.add_parser(
         "train", help="train a model on a prepared data directory (resumable, multi-GPU with torchrun)",
         description="Train on DIR (made by `storyseek prepare`) into OUT: console line and OUT/training_log.csv "
         "per evaluation, best_model.pt / ckpt_<iter>.pt / final_model.pt / latest.pt, training_metrics.png. "
         "Multi-GPU: torchrun --nproc_per_node N -m storyseek train ... "
-        "Settings may also come from --config FILE (TOML or YAML, flag names as keys); flags win.",
-        argument_default=argparse.SUPPRESS,
+        "Settings may also come from --config FILE (TOML, YAML or JSON, flag names as keys); flags win.",
     )
-    p.add_argument("--data", metavar="DIR", help="prepared data directory (train.bin, val.bin, meta.json)")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: out)")
-    p.add_argument("--preset", choices=["default", "tiny"], help="model preset and its training defaults (default: default)")
-    p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (any flag; flags win)")
-    t = p.add_argument_group("training")
-    for flag, kind, text in (
-        ("batch-size", int, "sequences per micro-step per GPU (default 12; tiny 8)"),
-        ("block-size", int, "tokens per sequence: the model's context for a new model; for --resume/--init-from at "
-                            "most the checkpoint's"),
-        ("grad-accum", int, "micro-steps per optimizer step (default 1)"),
-        ("max-iters", int, "optimizer steps (default 20000; tiny 2000)"),
-        ("max-minutes", float, "stop cleanly after this many minutes: evaluate, write final_model.pt; the lr schedule "
-                                 "decays over whichever of --max-iters and this ends first (default: no limit)"),
-        ("learning-rate", float, "peak learning rate (default 6e-4; tiny 4e-3)"),
-        ("min-lr", float, "learning rate at the end of the cosine decay (default 6e-5; tiny 4e-4)"),
-        ("warmup-iters", int, "linear warmup steps (default 2000; tiny 30)"),
-        ("lr-decay-iters", int, "steps of the cosine decay (default: --max-iters)"),
-        ("weight-decay", float, "AdamW weight decay on matrices (default 0.1)"),
-        ("beta1", float, "AdamW beta1 (default 0.9)"),
-        ("beta2", float, "AdamW beta2 (default 0.95)"),
-        ("grad-clip", float, "clip the gradient norm to this (default 1.0; 0 disables)"),
-        ("eval-interval", int, "evaluate, log and save latest.pt every N steps (default 1000; tiny 200)"),
-        ("eval-iters", int, "batches per evaluation and split (default 200; tiny 10)"),
-        ("log-interval", int, "progress-bar refresh every N steps (default 10)"),
-        ("checkpoint-interval", int, "write ckpt_<iter>.pt every N steps (default 2500; 0: never)"),
-        ("seed", int, "random seed (default 1337)"),
-        ("device", str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps (default: auto)"),
-        ("init-from", str, "start from the weights of this checkpoint (fine-tuning)"),
-        ("wandb-project", str, "W&B project (default: storyseek)"),
-    ):
-        t.add_argument(f"--{flag}", type=kind, help=text)
-    t.add_argument("--dtype", choices=DTYPES, help="auto (default): bf16 autocast on GPUs and CPUs with "
-                   "AVX512-BF16/AMX, fp16 + grad scaler on GPUs without bf16, else float32")
-    for flag, text in (("compile", "torch.compile the model"), ("resume", "continue from OUT/latest.pt"),
-                       ("tensorboard", "also log to OUT/tensorboard"), ("wandb", "also log to W&B (offline unless configured)")):
-        t.add_argument(f"--{flag}", action="store_const", const=True, help=text)
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help="TOML, YAML or JSON file of settings (any flag by its name; flags win)")
+    _add_settings(p, TrainConfig, presets=TRAIN_PRESETS, group="training", ungrouped=("data", "out", "preset"))
     m = p.add_argument_group("model (default: the preset's; fixed by the checkpoint for --resume/--init-from)")
-    m.add_argument("--multi-token", type=int, help="tokens predicted per position: 2 = next token + 1 MTP depth "
-                   "(default 2); 1 disables MTP")
-    m.add_argument("--moe-experts", type=int, help="routed experts per MoE layer (default 4)")
     for flag, f in model_flag_fields():
-        if flag in ("multi-token", "moe-experts"):
-            continue
-        text = f"{FIELD_HELP[f.name]} (default {f.default})"
+        text, shown = FIELD_HELP[f.name], lambda v: v
+        if f.name == "mtp_depth":  # --multi-token N sets mtp_depth N - 1: shown as the user types it
+            text, shown = "tokens predicted per position: 2 = next token + 1 MTP depth; 1 disables MTP", lambda v: v + 1
+        values = [f"default: {_shown(shown(f.default))}"] + [f"{name}: {_shown(shown(getattr(cfg, f.name)))}"
+                                                    for name, cfg in PRESETS.items() if getattr(cfg, f.name) != f.default]
+        text += f" ({'; '.join(values)})"
         if f.type in ("bool", bool):
-            m.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, help=text)
+            m.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            m.add_argument(f"--{flag}", type=kind, help=text)
+            m.add_argument(f"--{flag}", type=kind, default=argparse.SUPPRESS, help=text)
 
     def run(args):
         from .train.config import build_train_config
         from .train.loop import train
 
-        values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
-        train(build_train_config(values, getattr(args, "config", None)))
+        typed = _typed(args)
+        config_file = typed.pop("config", None)
+        train(build_train_config(typed, config_file))
 
     p.set_defaults(func=run)
 
@@ -192,81 +132,105 @@ def _add_export(sub) -> None:
 
 
 def _add_generate(sub) -> None:
+    from .generate.config import GenerateConfig, SamplingConfig
+
     p = sub.add_parser(
         "generate",
         help="write stories with a trained model (latent-cache decoding, MTP speculative decoding)",
         description="Story mode (default) places --prompt in the training template and stops at the end of "
         "the story; --raw continues the text as given. The tokenizer comes from the checkpoint.",
+        argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--model", required=True, metavar="PATH", help="checkpoint file (e.g. out/best_model.pt) or exported directory")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="what the story is about (repeat for several prompts, decoded as one batch; default: empty, "
                    "the model invents one)")
-    p.add_argument("--max-tokens", type=int, default=200, help="new tokens per story at most (default: 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off (default: 0)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass in (0, 1]; 1 = off (default: 0.9)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages repeating tokens already in the text; 1 = off (default: 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples (default: random)")
-    p.add_argument("--num-samples", type=int, default=1, help="stories per prompt, decoded as one batch (default: 1)")
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+    _add_settings(p, GenerateConfig)
+    _add_settings(p, SamplingConfig)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, dest="stream_output",
                    help="print tokens as they come (default: when stdout is a terminal and there is one story)")
-    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
-                   help="MTP self-speculative decoding (default: on when the model has MTP weights)")
-    p.add_argument("--no-cache", action="store_true", help="recompute everything every token (slow reference path)")
-    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no story template")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"),
                    help="weights and cache dtype (default: auto = bfloat16 on GPUs that support it, else float32)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--verbose", action="store_true", help="print the model, speed and MTP acceptance on stderr")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the model (layers, tokenizer, dtype, device, decoding path) and the speed summary "
+                   "on stderr (the summary prints without it whenever MTP speculative decoding runs)")
 
     def run(args):
-        from .generate.decode import GenerateConfig
-        from .generate.sampling import SamplingConfig
         from .generate.text import generate_command
 
-        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  repetition_penalty=args.repetition_penalty)
-        cfg = GenerateConfig(max_tokens=args.max_tokens, sampling=sampling, seed=args.seed, num_samples=args.num_samples,
-                             speculative=args.speculative, use_cache=not args.no_cache, raw=args.raw)
-        generate_command(args.model, args.prompt or [""], cfg, device=args.device, dtype=args.dtype,
-                         stream_output=args.stream, verbose=args.verbose)
+        typed = _typed(args)
+        sampling = SamplingConfig(**_take(typed, SamplingConfig))
+        cfg = GenerateConfig(sampling=sampling, **_take(typed, GenerateConfig))
+        generate_command(typed.pop("model"), typed.pop("prompt", None) or [""], cfg, **typed)
 
     p.set_defaults(func=run)
-
-
-def _env(name: str, default, kind):
-    """A default taken from the environment (how tests and CI shrink the demo)."""
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        return kind(value)
-    except ValueError:
-        sys.exit(f"storyseek: error: ${name} must be a number, got {value!r}")
 
 
 def _add_demo(sub) -> None:
+    from .demo import DemoConfig
+
     p = sub.add_parser("demo", help="offline end-to-end demo: corpus -> tokenizer -> train tiny model -> stories",
                        description="Prepare the embedded story corpus, train the tiny preset (MLA + MoE + MTP) for a few "
                        "minutes on this machine, write the log, plot and checkpoints under --out, and print two stories.")
-    p.add_argument("--out", default="demo-run", help="output directory (default: demo-run)")
-    p.add_argument("--minutes", type=float, default=_env("STORYSEEK_DEMO_MINUTES", 4.0, float),
-                   help="training time budget in minutes (default: 4, or $STORYSEEK_DEMO_MINUTES)")
-    p.add_argument("--stories", type=int, default=_env("STORYSEEK_DEMO_STORIES", 20_000, int),
-                   help="stories drawn from the corpus (default: 20000, or $STORYSEEK_DEMO_STORIES)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ... (default: auto)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
-    p.add_argument("--force", action="store_true", help="start over if --out holds an earlier demo run")
+    _add_settings(p, DemoConfig)
 
     def run(args):
-        from .demo import DemoConfig, run_demo
+        from .demo import run_demo
+        from .settings import with_env
 
-        run_demo(DemoConfig(out=args.out, minutes=args.minutes, stories=args.stories, device=args.device,
-                            seed=args.seed, force=args.force))
+        run_demo(DemoConfig(**with_env(DemoConfig, _typed(args), os.environ)))
 
     p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------ flags from config dataclasses
+def _add_settings(p: argparse.ArgumentParser, cls: type, *, presets: dict[str, dict] | None = None,
+                  group: str | None = None, ungrouped: tuple[str, ...] = ()) -> None:
+    """One flag per field of `cls` declared with `settings.setting` (help, choices, default shown from
+    the field itself and, after it, each preset's own value). No flag has an argparse default: a
+    command receives only what the user typed (`_typed`) and the dataclass supplies the rest."""
+    import dataclasses
+
+    from .settings import default_text, flag_name
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("help"):
+            continue
+        shown = [f"default: {default_text(f)}"] if default_text(f) else []
+        shown += [f"{name}: {_shown(values[f.name])}" for name, values in (presets or {}).items() if f.name in values]
+        text = meta["help"] + (f" ({'; '.join(shown)})" if shown else "")
+        title = None if f.name in ungrouped else meta.get("group") or group
+        target = p if title is None else groups.setdefault(title, p.add_argument_group(title))
+        kind = str(f.type).split(" |")[0]  # "int | None" -> "int"
+        kw = {"help": text, "default": argparse.SUPPRESS}
+        if kind == "bool":
+            # A field that defaults to False is a switch; True or None (automatic) can be turned either way.
+            kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}.get(kind, str)
+            kw |= {k: meta[k] for k in ("choices", "metavar") if meta.get(k)}
+            if kind.startswith("tuple"):
+                kw["nargs"] = "+"
+        target.add_argument(f"--{flag_name(f)}", dest=f.name, **kw)
+
+
+def _shown(value) -> str:
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
+def _typed(args: argparse.Namespace) -> dict:
+    """What the user typed: every parser suppresses its defaults, so the namespace holds nothing else."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+
+
+def _take(typed: dict, cls: type) -> dict:
+    """Remove and return the entries of `typed` that are fields of `cls`."""
+    import dataclasses
+
+    return {f.name: typed.pop(f.name) for f in dataclasses.fields(cls) if f.name in typed}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("storyseek: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `storyseek ... | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 141
     return 0
 
 

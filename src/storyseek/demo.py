@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .data.prepare import PrepareConfig, prepare
 from .errors import StoryseekError
+from .settings import setting
 
 PROMPTS = (  # phrased like the corpus's own prompts, which is what a 4-minute model can follow
     "Write a children's story about a shy little rabbit who learns that everyone needs a friend.",
@@ -21,13 +22,13 @@ PROMPTS = (  # phrased like the corpus's own prompts, which is what a 4-minute m
 
 @dataclass
 class DemoConfig:
-    out: str = "demo-run"
-    minutes: float = 4.0  # training time budget
-    stories: int = 20_000  # stories drawn from the embedded corpus
+    out: str = setting("demo-run", "output directory", metavar="DIR")
+    minutes: float = setting(4.0, "training time budget in minutes", env="STORYSEEK_DEMO_MINUTES")
+    stories: int = setting(20_000, "stories drawn from the embedded corpus", env="STORYSEEK_DEMO_STORIES")
     vocab: int = 2048  # trained byte-level BPE size: small, so the embedding does not dominate
-    device: str = "auto"
-    seed: int = 1337
-    force: bool = False  # start over in an --out that holds an earlier run
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, ...")
+    seed: int = setting(1337, "random seed")
+    force: bool = setting(False, "start over if --out holds an earlier demo run")
 
     def __post_init__(self) -> None:
         if not self.minutes > 0:

@@ -30,12 +30,14 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import StoryseekError
+from ..settings import setting
 from . import sources
 from .shards import FORMAT_VERSION, SPLITS, Staging, TokenWriter, reusable, token_dtype
 from .template import END, SPECIAL_PATTERN, SPECIAL_TOKENS, normalize_line, normalize_text, story_document, text_document
 from .tokenizer import BPETokenizer, GPT2Tokenizer, Tokenizer, parse_spec
 
 BUILTIN_DOCS = 20_000  # stories `--dataset builtin` generates when --max-docs is not given
+_OUTPUT = "tokenizer and output"
 BLOCK_CHARS = 1 << 16
 BPE_TRAIN_CHARS = 10_000_000  # ~10 MB of text: plenty for merges of small vocabularies; training time is linear in it
 
@@ -44,28 +46,41 @@ BPE_TRAIN_CHARS = 10_000_000  # ~10 MB of text: plenty for merges of small vocab
 class PrepareConfig:
     """Everything that decides what `prepare` writes (plus where, and how many threads)."""
 
-    dataset: str | None = None  # Hub name or "builtin"; None: sources.DEFAULT_DATASET
-    config: str | None = None  # Hub dataset configuration (subset)
-    split: str = "train"  # Hub split to read; our train/val split is made by hash
-    streaming: bool = False  # stream from the Hub instead of downloading the dataset first
-    data_files: tuple[str, ...] = ()  # local files/globs; replaces the Hub dataset
-    preset: str | None = None  # "fineweb-edu" (see PRESETS); filled in by `from_preset`
-    format: str = "story"  # "story": prompt/character/story/moral template; "text": plain text
-    prompt_column: str = "prompt"
-    text_column: str = "text"
-    min_score: float | None = None  # keep rows whose `score` column is >= this
-    language: str | None = None  # keep rows whose `language` column equals this
-    min_chars: int = 32  # drop documents whose normalised text is shorter
-    max_chars: int | None = None  # drop documents whose normalised text is longer
-    max_docs: int | None = None  # stop after this many kept documents (builtin: BUILTIN_DOCS)
-    max_files: int | None = None  # read only the first N data files
-    tokenizer: str = "gpt2"  # "gpt2" or "bpe:N"
-    lowercase: bool = False
-    val_fraction: float = 0.05
-    seed: int = 0  # builtin generator seed
-    num_proc: int | None = None  # tokenizer threads; None: all cores
-    out: str | None = None  # None: data/<source>-<tokenizer>
-    force: bool = False
+    # source
+    dataset: str | None = setting(None, "Hugging Face dataset name, or 'builtin' for the offline story generator",
+                                  default_text=sources.DEFAULT_DATASET, group="source")
+    config: str | None = setting(None, "dataset configuration (subset) on the Hub", group="source")
+    split: str = setting("train", "Hub split to read (our train/val split is made by hash)", group="source")
+    streaming: bool = setting(False, "stream from the Hub instead of downloading the dataset first", group="source")
+    data_files: tuple[str, ...] = setting((), "local .jsonl/.json/.csv/.parquet/.txt files or globs (instead of "
+                                              "--dataset)", metavar="PATH", default_text="", group="source")
+    preset: str | None = setting(None, "fineweb-edu: HuggingFaceFW/fineweb-edu sample-10BT, streamed, text format, "
+                                       "English, score >= 3, 100-3000 chars, 80/20 split",
+                                 choices=("fineweb-edu",), group="source")
+    max_docs: int | None = setting(None, "stop after N kept documents", group="source",
+                                   default_text=f"all; builtin: {BUILTIN_DOCS} stories")
+    max_files: int | None = setting(None, "read only the first N data files", group="source")
+    seed: int = setting(0, "builtin generator seed", group="source")
+    # records
+    format: str = setting("story", "story: prompt/character/story/moral template; text: plain text continuation",
+                          choices=("story", "text"), group="records")
+    prompt_column: str = setting("prompt", "column holding the prompt (story format; a row without one is a "
+                                           "story with an empty prompt)", group="records")
+    text_column: str = setting("text", "column holding the story/text", group="records")
+    min_score: float | None = setting(None, "keep rows whose 'score' column is >= this", group="records")
+    language: str | None = None  # keep rows whose `language` column equals this (the fineweb-edu preset)
+    min_chars: int = setting(32, "drop texts shorter than this", group="records")
+    max_chars: int | None = setting(None, "drop texts longer than this", group="records")
+    lowercase: bool = setting(False, "lowercase everything (default: keep case)", group="records")
+    val_fraction: float = setting(0.05, "share of documents for validation", group="records")
+    # tokenizer and output
+    tokenizer: str = setting("gpt2", "gpt2, or bpe:N: a byte-level BPE of N tokens trained on the data", group=_OUTPUT)
+    num_proc: int | None = setting(None, "tokenizer threads", default_text="all cores", group=_OUTPUT)
+    out: str | None = setting(None, "output directory", default_text="data/<dataset>-<tokenizer>", group=_OUTPUT)
+    force: bool = setting(False, "rebuild even if OUT holds a preparation", group=_OUTPUT)
+
+    def __post_init__(self) -> None:
+        self.data_files = tuple(self.data_files)  # the command line gives a list
 
     @classmethod
     def from_preset(cls, preset: str | None, **overrides) -> PrepareConfig:

@@ -21,38 +21,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import StoryseekError
 from ..model import LatentCache, Transformer
-from .sampling import SamplingConfig, draw, probabilities, speculative_accept
-
-
-@dataclass
-class GenerateConfig:
-    max_tokens: int = 200  # new tokens per sample
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    seed: int | None = None  # None: a fresh random seed
-    num_samples: int = 1  # samples per prompt, decoded together as one batch
-    speculative: bool | None = None  # MTP self-speculative decoding; None = on when the model has MTP
-    use_cache: bool = True  # False: recompute the whole window every token (the slow reference path)
-    raw: bool = False  # continue the prompt as given instead of placing it in the story template
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise StoryseekError(f"max-tokens must be >= 1, got {self.max_tokens}")
-        if self.num_samples < 1:
-            raise StoryseekError(f"num-samples must be >= 1, got {self.num_samples}")
-        if self.speculative and not self.use_cache:
-            raise StoryseekError("speculative decoding needs the cache; drop --no-cache or add --no-speculative")
-
-    def use_speculative(self, model: Transformer) -> bool:
-        has_mtp = model.cfg.mtp_depth >= 1
-        if self.speculative and not has_mtp:
-            raise StoryseekError("this model has no MTP module, so it cannot draft tokens; use --no-speculative")
-        return has_mtp and self.use_cache if self.speculative is None else self.speculative
+from .config import GenerateConfig
+from .sampling import draw, probabilities, speculative_accept
 
 
 @dataclass

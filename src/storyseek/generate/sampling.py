@@ -8,33 +8,9 @@ temperature, then top-k, then top-p.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..errors import StoryseekError
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 0.8  # 0 = greedy (argmax)
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    top_p: float = 0.9  # nucleus: keep the smallest set whose probability reaches top_p; 1 = off
-    repetition_penalty: float = 1.0  # CTRL (Keskar et al. 2019): divide positive logits of seen tokens; 1 = off
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # also rejects NaN
-            raise StoryseekError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise StoryseekError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise StoryseekError(f"top-p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise StoryseekError(f"repetition penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+from .config import SamplingConfig
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

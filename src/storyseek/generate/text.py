@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..data.template import CHARACTER, END, MORAL, PROMPT, STORY, story_prompt
+from ..data.template import CHARACTER, MORAL, STORY, story_prompt
 from ..data.tokenizer import Tokenizer, stop_ids
 from ..errors import StoryseekError
 from ..model import Transformer

@@ -1,4 +1,4 @@
-"""TrainConfig: every knob of `storyseek train`, its presets, and config files (TOML / YAML).
+"""TrainConfig: every knob of `storyseek train`, its presets, and config files (TOML, YAML or JSON).
 
 Precedence, lowest first: dataclass defaults < the preset's training values < the config file < flags.
 A config file may set any flag, training or model, by its flag name (`batch_size` or `batch-size`):
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import StoryseekError
 from ..model.config import ModelConfig
+from ..settings import setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -34,40 +36,45 @@ _MODEL_NOT_FLAGS = ("vocab_size", "block_size")
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # a directory made by `storyseek prepare`
-    out: str = "out"
-    preset: str = "default"  # model preset (and its training defaults, TRAIN_PRESETS)
+    data: str = setting("", "prepared data directory (train.bin, val.bin, meta.json)", metavar="DIR", default_text="")
+    out: str = setting("out", "output directory", metavar="DIR")
+    preset: str = setting("default", "model preset and its training defaults", choices=("default", "tiny"))
     model: dict = field(default_factory=dict)  # model-config fields set explicitly (flags / file)
     # batches: tokens per optimizer step = batch_size * block_size * grad_accum * world size
-    batch_size: int = 12
-    block_size: int | None = None  # training window; None: the model's context (block_size)
-    grad_accum: int = 1
+    batch_size: int = setting(12, "sequences per micro-step per GPU")
+    block_size: int | None = setting(None, "tokens per sequence: the model's context for a new model; for "
+                                           "--resume/--init-from at most the checkpoint's")
+    grad_accum: int = setting(1, "micro-steps per optimizer step")
     # optimizer and schedule: AdamW, linear warmup, cosine decay to min_lr at lr_decay_iters
-    max_iters: int = 20000
-    max_minutes: float = 0.0  # > 0: stop after this much wall-clock time (then eval + final save)
-    learning_rate: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_iters: int = 2000
-    lr_decay_iters: int | None = None  # None: max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables
+    max_iters: int = setting(20000, "optimizer steps")
+    max_minutes: float = setting(0.0, "stop cleanly after this many minutes: evaluate, write final_model.pt; the lr "
+                                      "schedule decays over whichever of --max-iters and this ends first",
+                                 default_text="no limit")
+    learning_rate: float = setting(6e-4, "peak learning rate")
+    min_lr: float = setting(6e-5, "learning rate at the end of the cosine decay")
+    warmup_iters: int = setting(2000, "linear warmup steps")
+    lr_decay_iters: int | None = setting(None, "steps of the cosine decay", default_text="--max-iters")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 disables")
     # evaluation, logging, checkpoints
-    eval_interval: int = 1000
-    eval_iters: int = 200
-    log_interval: int = 10  # progress-bar refresh (and the distributed stop check)
-    checkpoint_interval: int = 2500  # 0 disables ckpt_<iter>.pt (latest.pt is still kept at evals)
-    tensorboard: bool = False
-    wandb: bool = False
-    wandb_project: str = "storyseek"
+    eval_interval: int = setting(1000, "evaluate, log and save latest.pt every N steps")
+    eval_iters: int = setting(200, "batches per evaluation and split")
+    log_interval: int = setting(10, "progress-bar refresh (and, under torchrun, the stop-signal check) every N steps")
+    checkpoint_interval: int = setting(2500, "also write ckpt_<iter>.pt every N steps; 0: never")
+    tensorboard: bool = setting(False, "also log to OUT/tensorboard")
+    wandb: bool = setting(False, "also log to W&B (offline unless configured)")
+    wandb_project: str = setting("storyseek", "W&B project")
     # system
-    device: str = "auto"  # auto: cuda if available, then mps, then cpu
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (see precision.resolve_dtype)
-    compile: bool = False
-    seed: int = 1337
-    resume: bool = False  # continue from OUT/latest.pt
-    init_from: str | None = None  # start from these weights (a storyseek checkpoint)
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    dtype: str = setting("auto", "auto: bf16 autocast on GPUs and CPUs with AVX512-BF16/AMX, fp16 + grad scaler on "
+                                 "GPUs without bf16, else float32", choices=DTYPES)
+    compile: bool = setting(False, "torch.compile the model")
+    seed: int = setting(1337, "random seed")
+    resume: bool = setting(False, "continue from OUT/latest.pt")
+    init_from: str | None = setting(None, "start from the weights of this checkpoint or exported directory (fine-tuning)",
+                                    metavar="PATH")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -126,7 +133,10 @@ def load_config_file(path: str | Path) -> dict:
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".toml":
-            import tomllib
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # the same parser, before it joined the standard library
+                import tomli as tomllib
 
             values = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):

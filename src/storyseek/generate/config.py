@@ -1,0 +1,65 @@
+"""What generation is asked to do: `SamplingConfig` (how a token is chosen) and `GenerateConfig` (how
+many, from which prompts, by which decoding path). Torch-free: `storyseek generate`'s flags, their help
+and defaults are built from these fields (see settings.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import StoryseekError
+from ..settings import setting
+
+
+@dataclass
+class SamplingConfig:
+    """Processing order follows transformers' / llama2.c's: repetition penalty, temperature, top-k, top-p."""
+
+    temperature: float = setting(0.8, "sampling temperature; 0 = greedy")
+    top_k: int = setting(0, "sample among the k most likely tokens; 0 = off")
+    top_p: float = setting(0.9, "nucleus sampling: the smallest set of tokens whose probability reaches this, "
+                                "in (0, 1]; 1 = off")
+    # CTRL (Keskar et al. 2019): divide the positive logits of tokens already in the text (multiply the negative)
+    repetition_penalty: float = setting(1.0, "> 1 discourages repeating tokens already in the text; 1 = off")
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # also rejects NaN
+            raise StoryseekError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise StoryseekError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise StoryseekError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise StoryseekError(f"repetition penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class GenerateConfig:
+    max_tokens: int = setting(200, "new tokens per story at most")
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int | None = setting(None, "random seed for reproducible samples", default_text="random")
+    num_samples: int = setting(1, "stories per prompt, decoded together as one batch")
+    speculative: bool | None = setting(None, "MTP self-speculative decoding",
+                                       default_text="on when the model has MTP weights")
+    use_cache: bool = setting(True, "keep the latent KV cache between tokens; --no-cache recomputes the whole "
+                                    "window every token (the slow reference path)", flag="cache")
+    raw: bool = setting(False, "continue the prompt as plain text instead of placing it in the story template")
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise StoryseekError(f"max-tokens must be >= 1, got {self.max_tokens}")
+        if self.num_samples < 1:
+            raise StoryseekError(f"num-samples must be >= 1, got {self.num_samples}")
+        if self.speculative and not self.use_cache:
+            raise StoryseekError("speculative decoding needs the cache; drop --no-cache or add --no-speculative")
+
+    def use_speculative(self, model) -> bool:
+        """Whether `model` (a Transformer) decodes speculatively under this config."""
+        has_mtp = model.cfg.mtp_depth >= 1
+        if self.speculative and not has_mtp:
+            raise StoryseekError("this model has no MTP module, so it cannot draft tokens; use --no-speculative")
+        return has_mtp and self.use_cache if self.speculative is None else self.speculative
