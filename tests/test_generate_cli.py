@@ -128,3 +128,26 @@ def test_non_utf8_prompt_bytes_from_the_shell(ckpt):
                            "--prompt", b"caf\xe9"], capture_output=True, env={"PATH": "", "LC_ALL": "C.UTF-8"})
     assert proc.returncode == 1
     assert proc.stderr.decode() == "storyseek: error: the prompt is not valid UTF-8 text\n"
+
+
+def test_bf16_inference_keeps_the_router_exactly_fp32(ckpt, tmp_path):
+    """A router rounded to bf16 can flip the top-k near a tie: weight and bias must stay the
+    checkpoint's fp32 values bit for bit, while the experts are bf16."""
+    from storyseek.checkpoint import load_checkpoint
+
+    state = load_checkpoint(ckpt)
+    gates = [k.removesuffix(".weight") for k in state["model"] if k.endswith("ffn.gate.weight")]
+    assert len(gates) == 2  # the trunk's MoE layer and the MTP block's
+    for g in gates:  # values bf16 cannot hold: one ulp of fp32 above 1 + a random fraction
+        state["model"][f"{g}.bias"] = 1 + torch.rand(state["model"][f"{g}.bias"].shape) + 2**-20
+    path = tmp_path / "routed.pt"
+    save_checkpoint(path, state)
+    model, _ = load_model(path, device="cpu", dtype="bfloat16")
+    assert model.layers[1].ffn.experts[0].w1.weight.dtype == torch.bfloat16
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    for g in gates:
+        for part in ("weight", "bias"):
+            exact = state["model"][f"{g}.{part}"]
+            assert exact.dtype == torch.float32 and not torch.equal(exact, exact.bfloat16().float())
+            assert params[f"{g}.{part}"].dtype == torch.float32
+            assert torch.equal(params[f"{g}.{part}"], exact), f"{g}.{part}"

@@ -38,12 +38,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def to_inference(model: Transformer, dtype: torch.dtype) -> Transformer:
     """Eval mode in `dtype`, keeping in fp32 what must stay precise: the router (its weight and
-    balancing bias, as DeepSeek-V3 does) and the RoPE tables (bf16 angles drift at long positions)."""
+    balancing bias, as DeepSeek-V3 does: bf16 rounding can flip the top-k near a tie) and the RoPE
+    tables (bf16 angles drift at long positions). Both are set aside before the cast and put back
+    as they were, bit for bit: casting to bf16 and back would round them."""
     rope = model.rope_cos, model.rope_sin
+    routers = [(moe.gate, {k: v.detach().clone() for k, v in moe.gate.state_dict().items()})
+               for moe in model.moe_layers()]
     model = model.to(dtype).eval()
     model.rope_cos, model.rope_sin = (t.to(model.rope_cos.device) for t in rope)
-    for moe in model.moe_layers():
-        moe.gate.float()
+    for gate, exact in routers:
+        gate.float().load_state_dict(exact)
     return model
 
 
