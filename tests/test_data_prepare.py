@@ -108,10 +108,34 @@ def test_text_mode_filters_dedup_and_counts(tmp_path):
     cfg = PrepareConfig.from_preset("fineweb-edu", data_files=(str(src),), tokenizer="bpe:300", out=str(tmp_path / "o"))
     assert (cfg.format, cfg.min_score, cfg.min_chars, cfg.max_chars, cfg.val_fraction) == ("text", 3.0, 100, 3000, 0.2)
     meta = load_meta(prepare(cfg))
-    assert meta["dropped"] == {"duplicate": 1, "empty": 1, "low_score": 1, "too_long": 1, "too_short": 1, "wrong_language": 1}
+    assert meta["dropped"] == {"duplicate": 1, "empty_text": 1, "low_score": 1, "too_long": 1, "too_short": 1,
+                               "wrong_language": 1}
+    assert meta["stories_without_prompt"] == 0  # text mode has no prompts to miss
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 21
     text = decode_split(tmp_path / "o", "train") + decode_split(tmp_path / "o", "val")
     assert text_document("x" * 150) in text and "<|prompt|>" not in text
+
+
+def test_a_mixed_folder_keeps_text_only_stories_with_an_empty_prompt(tmp_path, capsys):
+    """TinyStories rows have only `text`: in story mode they are stories too, beside prompted ones."""
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    prompted = stories(30)
+    text_only = [{"id": i, "text": f"Lily and Ben played with ball number {i} in the sunny park."} for i in range(30)]
+    jsonl(folder / "a_prompted.jsonl", prompted)
+    jsonl(folder / "b_tinystories.jsonl", text_only + [{"id": 99, "text": "  "}])
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(capsys, "--data-files", str(folder / "*.jsonl"), "--tokenizer", "bpe:300",
+                              "--val-fraction", "0.2", "--out", str(out))
+    assert code == 0
+    meta = load_meta(out)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 60
+    assert meta["stories_without_prompt"] == 30 and meta["dropped"] == {"empty_text": 1}
+    assert "61 records read" in stdout and "30 of them stories without a 'prompt' (kept, empty prompt)" in stdout
+    assert "dropped: empty_text 1;" in stdout
+    docs = set((decode_split(out, "train") + decode_split(out, "val")).split(END)[:-1])
+    assert {story_document("", r["text"]).removesuffix(END) for r in text_only} <= docs
+    assert story_document(prompted[0]["prompt"], prompted[0]["text"]).removesuffix(END) in docs
 
 
 def test_real_stories(shared_data, tmp_path):
@@ -138,8 +162,6 @@ BAD = {
                     "no training documents: all 1 records were dropped \\(too_short 1\\)"),
     "missing column": (lambda d: ["--data-files", str(jsonl(d / "m.jsonl", [{"id": 1, "story": "x"}]))],
                        "no 'text' column \\(columns: id, story\\)"),
-    "missing prompt": (lambda d: ["--data-files", str(jsonl(d / "m.jsonl", [{"text": "x" * 50}]))],
-                       "no 'prompt' column \\(columns: text\\).*--format text"),
     "non-utf8": (lambda d: ["--data-files", str(_bytes(d / "b.jsonl", b'{"prompt": "p", "text": "caf\xe9"}\n'))],
                  "line 1 is not valid UTF-8"),
     "ragged csv": (lambda d: ["--data-files", str(_bytes(d / "r.csv", b"prompt,text\np,t\np,t,extra\n"))],

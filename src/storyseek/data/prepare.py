@@ -151,18 +151,16 @@ class _Counts:
         self.read = 0
         self.dropped: Counter[str] = Counter()
         self.docs = [0, 0]  # kept documents per split
+        self.without_prompt = 0  # stories kept with an empty prompt (their record had none)
 
 
 def _check_columns(rec: dict, cfg: PrepareConfig) -> None:
-    needed = [cfg.text_column] + ([cfg.prompt_column] if cfg.format == "story" else [])
-    needed += ["score"] * (cfg.min_score is not None) + ["language"] * (cfg.language is not None)
+    """The first record must have the columns every record needs. Not the prompt: a story without
+    one (TinyStories rows have only `text`) is kept with an empty prompt, so folders may mix both."""
+    needed = [cfg.text_column] + ["score"] * (cfg.min_score is not None) + ["language"] * (cfg.language is not None)
     for col in needed:
         if col not in rec:
-            hint = ""
-            if col == cfg.prompt_column:
-                hint = "; map another column with --prompt-column, or use --format text"
-            elif col == cfg.text_column:
-                hint = "; map another column with --text-column"
+            hint = "; map another column with --text-column" if col == cfg.text_column else ""
             raise StoryseekError(f"the data has no '{col}' column (columns: {', '.join(map(str, rec))}){hint}")
 
 
@@ -185,12 +183,8 @@ def _documents(records: Iterator[dict], cfg: PrepareConfig, counts: _Counts) -> 
             continue
         text = rec.get(cfg.text_column)
         text = normalize_text(text if isinstance(text, str) else str(text or ""), lower)
-        if story:
-            prompt = normalize_line(str(rec.get(cfg.prompt_column) or ""), lower)
-            if not prompt:
-                text = ""
         if not text:
-            dropped["empty"] += 1
+            dropped["empty_text"] += 1
             continue
         if len(text) < cfg.min_chars:
             dropped["too_short"] += 1
@@ -199,6 +193,9 @@ def _documents(records: Iterator[dict], cfg: PrepareConfig, counts: _Counts) -> 
             dropped["too_long"] += 1
             continue
         if story:
+            # No prompt: the story still trains the model, under an empty prompt, which is also
+            # how `generate` asks for a story about anything.
+            prompt = normalize_line(str(rec.get(cfg.prompt_column) or ""), lower)
             moral = rec.get("moral") or rec.get("lesson")
             character = rec.get("character")
             doc = story_document(prompt, text, moral and str(moral), character and str(character), lower)
@@ -209,6 +206,7 @@ def _documents(records: Iterator[dict], cfg: PrepareConfig, counts: _Counts) -> 
             dropped["duplicate"] += 1
             continue
         seen.add(h)
+        counts.without_prompt += story and not prompt
         split = int(h < val_below)
         counts.docs[split] += 1
         yield split, doc
@@ -411,17 +409,20 @@ def prepare(cfg: PrepareConfig) -> Path:
             "dtype": dtype.name,
             "splits": {s: {"file": f"{s}.bin", "documents": w.documents, "tokens": w.tokens} for s, w in zip(SPLITS, writers)},
             "records_read": counts.read,
+            "stories_without_prompt": counts.without_prompt,
             "dropped": dict(sorted(counts.dropped.items())),
             "seconds": round(seconds, 2),
             "args": args,
         }
         stage.commit(meta)
-    dropped = ", ".join(f"{k} {v}" for k, v in sorted(counts.dropped.items())) or "none"
     docs = writers[0].documents + writers[1].documents
+    no_prompt = (f"{counts.without_prompt:,} of them stories without a '{cfg.prompt_column}' (kept, empty prompt); "
+                 if counts.without_prompt else "")
     print(
-        f"prepared {out}: train {writers[0].documents:,} docs / {writers[0].tokens:,} tokens, "
-        f"val {writers[1].documents:,} docs / {writers[1].tokens:,} tokens ({tok.spec}, {dtype.name}); "
-        f"dropped: {dropped}; {docs / seconds:,.0f} docs/s, {tokens / seconds / 1e6:.2f}M tokens/s"
+        f"prepared {out}: {counts.read:,} records read; kept: train {writers[0].documents:,} docs / "
+        f"{writers[0].tokens:,} tokens, val {writers[1].documents:,} docs / {writers[1].tokens:,} tokens "
+        f"({tok.spec}, {dtype.name}); {no_prompt}dropped: {_reasons(counts)}; "
+        f"{docs / seconds:,.0f} docs/s, {tokens / seconds / 1e6:.2f}M tokens/s"
     )
     return out
 
@@ -430,10 +431,14 @@ def _check_nonempty(counts: _Counts, cfg: PrepareConfig) -> None:
     if counts.read == 0:
         raise StoryseekError("the dataset is empty: no records were read")
     if counts.docs[0] == 0:
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts.dropped.items()))
-        raise StoryseekError(f"no training documents: all {counts.read} records were dropped ({reasons})")
+        raise StoryseekError(f"no training documents: all {counts.read} records were dropped ({_reasons(counts)})")
     if counts.docs[1] == 0:
         raise StoryseekError(
             f"the validation split is empty ({counts.docs[0]} documents, --val-fraction {cfg.val_fraction}); "
             "add data or raise --val-fraction"
         )
+
+
+def _reasons(counts: _Counts) -> str:
+    """Why records were dropped, as counted: 'duplicate 3, empty_text 1' (or 'none')."""
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.dropped.items())) or "none"
