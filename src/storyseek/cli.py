@@ -109,14 +109,21 @@ def _add_plot(sub) -> None:
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="export a checkpoint to a Hugging Face transformers DeepseekV3 model directory",
-        description="Write config.json, model.safetensors (MTP included), generation_config.json, tokenizer "
-        "files and a model card README.md to OUT, loadable with AutoModelForCausalLM / AutoTokenizer; "
-        "optionally upload OUT to the Hugging Face Hub.",
+        help="export a checkpoint to a Hugging Face transformers model directory or a llama.cpp GGUF file",
+        description="--format hf (default): write config.json, model.safetensors (MTP included), "
+        "generation_config.json, tokenizer files and a model card README.md to OUT, loadable with "
+        "AutoModelForCausalLM / AutoTokenizer; optionally upload OUT to the Hugging Face Hub. "
+        "--format gguf: write one GGUF file (architecture deepseek2, tokenizer and story template included) "
+        "that llama.cpp, llama-cpp-python, Ollama and LM Studio run; the MTP module is left out.",
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint file (e.g. out/ckpt.pt) or exported directory")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must be empty or absent)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--out", required=True, metavar="PATH", help="output directory (hf: must be empty or absent) "
+                   "or file (gguf, e.g. story.gguf)")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="hf: transformers DeepseekV3 directory; gguf: llama.cpp file (default: hf)")
+    p.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), default=None,
+                   help="GGUF weight type; norms and the router stay f32 (default: f32)")
+    p.add_argument("--force", action="store_true", help="replace an existing output (a non-empty directory or a file)")
     p.add_argument("--push-to-hub", metavar="USER/NAME", help="then upload OUT to this Hub model repository "
                    "(token from HF_TOKEN or `hf auth login`)")
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")
@@ -124,6 +131,15 @@ def _add_export(sub) -> None:
     def run(args):
         if args.private and not args.push_to_hub:
             p.error("--private only applies with --push-to-hub")
+        if args.format == "gguf":
+            if args.push_to_hub:
+                p.error("--push-to-hub only applies to --format hf")
+            from .export.gguf import export_gguf
+
+            export_gguf(args.model, args.out, gguf_type=args.gguf_type or "f32", force=args.force)
+            return
+        if args.gguf_type:
+            p.error("--gguf-type only applies with --format gguf")
         from .export.hf import export_model
 
         export_model(args.model, args.out, push_to_hub=args.push_to_hub, private=args.private, force=args.force)
