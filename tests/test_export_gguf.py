@@ -12,7 +12,7 @@ from storyseek.data.tokenizer import BPETokenizer, GPT2Tokenizer
 from storyseek.errors import StoryseekError
 from storyseek.export.gguf import export_gguf
 from storyseek.model import Transformer, get_preset, pad_vocab
-from storyseek.train.checkpoint import save_checkpoint
+from storyseek.checkpoint import save_checkpoint
 
 gguf = pytest.importorskip("gguf")
 

@@ -43,19 +43,17 @@ treats it so by name); `<|prompt|>` is the end-of-message token, so llama.cpp st
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data.template import END, PROMPT, STORY
-from ..data.tokenizer import Tokenizer
+from ..checkpoint import load_checkpoint
+from ..data.tokenizer import Tokenizer, hf_tokenizer_json
 from ..errors import StoryseekError
+from ..files import atomic_write
 from ..model import ModelConfig
-from ..train.checkpoint import load_checkpoint
-from .hf import hf_tokenizer_json
 
 ARCH = "deepseek2"
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -92,10 +90,9 @@ def export_gguf(model: str | Path, out: str | Path, gguf_type: str = "f32", forc
     check_gguf_exportable(cfg)
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)  # before writing: a tokenizer llama.cpp lacks fails here
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        writer = gguf.GGUFWriter(tmp, ARCH)
+    with atomic_write(out) as f:
+        # The writer reopens the temporary file by name; atomic_write then fsyncs and renames it.
+        writer = gguf.GGUFWriter(f.name, ARCH)
         write_metadata(writer, cfg, tokenizer, vocab, gguf_type, name=f"storyseek-{cfg.n_layer}x{cfg.n_embd}")
         for name, array in gguf_tensors(state["model"], cfg):
             data, qtype = encode_tensor(name, array, gguf_type)
@@ -104,12 +101,6 @@ def export_gguf(model: str | Path, out: str | Path, gguf_type: str = "f32", forc
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     mtp = " (MTP module left out)" if cfg.mtp_depth else ""
     print(f"exported {model} -> {out} (GGUF {ARCH}, {gguf_type}, {out.stat().st_size / 2**20:.1f} MiB){mtp}")
     return out
