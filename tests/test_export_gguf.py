@@ -87,6 +87,73 @@ def expected_shapes(cfg) -> dict[str, list[int]]:
     return shapes
 
 
+def llama_cpp_graph(path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's deepseek2 forward (src/models/deepseek2.cpp, the MLA branch; build_moe_ffn in
+    src/llama-graph.cpp) redone in float64 numpy from an f32 GGUF alone, so a tensor in the wrong
+    layout fails here even where llama.cpp is not installed. Arrays are in torch order (GGUF's
+    dimensions reversed); ggml_mul_mat(a, b) contracts the first GGUF dimension of both."""
+    r = gguf.GGUFReader(path)
+    kv = fields(r)
+    w = {t.name: np.array(t.data, dtype=np.float64) for t in r.tensors}
+    g = lambda key: kv[f"deepseek2.{key}"]  # noqa: E731
+    eps, n_rot, base = g("attention.layer_norm_rms_epsilon"), g("rope.dimension_count"), g("rope.freq_base")
+    d_c, d_k = g("attention.kv_lora_rank"), g("attention.key_length_mla")
+    S, H, k = len(ids), g("attention.head_count"), g("expert_used_count")
+
+    def rms(x, weight):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
+
+    def rope(x):  # "normal" RoPE: consecutive pairs, theta_i = pos * base^(-2i / n_rot)
+        angle = np.arange(S)[:, None] * base ** (-np.arange(0, n_rot, 2) / n_rot)  # [S, n_rot/2]
+        angle = angle.reshape(S, *([1] * (x.ndim - 2)), -1)
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        return np.stack([x0 * np.cos(angle) - x1 * np.sin(angle), x0 * np.sin(angle) + x1 * np.cos(angle)], -1).reshape(x.shape)
+
+    def silu(x):
+        return x / (1 + np.exp(-x))
+
+    x = w["token_embd.weight"][ids]  # [S, D]
+    for i in range(g("block_count")):
+        b = lambda name: w[f"blk.{i}.{name}"]  # noqa: E731
+        h = rms(x, b("attn_norm.weight"))
+        q = h @ b("attn_q.weight").T if f"blk.{i}.attn_q.weight" in w else \
+            rms(h @ b("attn_q_a.weight").T, b("attn_q_a_norm.weight")) @ b("attn_q_b.weight").T
+        q = q.reshape(S, H, d_k)
+        kv_pe = h @ b("attn_kv_a_mqa.weight").T
+        c, k_pe = rms(kv_pe[:, :d_c], b("attn_kv_a_norm.weight")), rope(kv_pe[:, d_c:])
+        q_lat = np.einsum("shn,hcn->shc", q[..., : d_k - n_rot], b("attn_k_b.weight"))  # absorbed W^UK
+        scores = (np.einsum("shc,tc->hst", q_lat, c) + np.einsum("shr,tr->hst", rope(q[..., d_k - n_rot:]), k_pe))
+        scores = np.where(np.tril(np.ones((S, S), bool)), scores / np.sqrt(d_k), -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        o = np.einsum("shc,hvc->shv", np.einsum("hst,tc->shc", p, c), b("attn_v_b.weight"))  # W^UV
+        x = x + o.reshape(S, -1) @ b("attn_output.weight").T
+        h = rms(x, b("ffn_norm.weight"))
+        if i < g("leading_dense_block_count"):
+            x = x + (silu(h @ b("ffn_gate.weight").T) * (h @ b("ffn_up.weight").T)) @ b("ffn_down.weight").T
+            continue
+        logits = h @ b("ffn_gate_inp.weight").T  # [S, E]
+        if g("expert_gating_func") == 2:
+            probs = 1 / (1 + np.exp(-logits))
+        else:
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+        chosen = np.argsort(-(probs + b("exp_probs_b.bias")), axis=-1, kind="stable")[:, :k]  # bias selects only
+        weights = np.take_along_axis(probs, chosen, -1)
+        if g("expert_weights_norm"):
+            weights /= weights.sum(-1, keepdims=True)
+        if g("expert_weights_scale") not in (0.0, 1.0):
+            weights *= g("expert_weights_scale")
+        out = (silu(h @ b("ffn_gate_shexp.weight").T) * (h @ b("ffn_up_shexp.weight").T)) @ b("ffn_down_shexp.weight").T
+        for t in range(S):
+            for e, wt in zip(chosen[t], weights[t]):
+                y = silu(b("ffn_gate_exps.weight")[e] @ h[t]) * (b("ffn_up_exps.weight")[e] @ h[t])
+                out[t] += wt * (b("ffn_down_exps.weight")[e] @ y)
+        x = x + out
+    head = w.get("output.weight", w["token_embd.weight"])
+    return rms(x, w["output_norm.weight"]) @ head.T
+
+
 # ------------------------------------------------------------------------------ read back
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_keys_shapes_and_f32_weights_read_back(variant, bpe, tmp_path):
@@ -163,6 +230,13 @@ def test_keys_shapes_and_f32_weights_read_back(variant, bpe, tmp_path):
             assert torch.equal(get(b + "ffn_gate.weight"), sd[p + "ffn.w1.weight"])
     if not cfg.tie_embeddings:
         assert torch.equal(get("output.weight"), sd["head.weight"])
+
+    # the file alone, computed the way llama.cpp's graph computes, gives our logits
+    ids = torch.randint(0, bpe.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids[None]).logits[0].double().numpy()
+    diff = np.abs(llama_cpp_graph(out, ids.tolist()) - ours).max()
+    assert diff <= 1e-4, f"{variant}: max abs logit diff {diff}"
 
 
 def test_q8_0_and_f16_types_and_values(bpe, tmp_path):
@@ -255,3 +329,144 @@ def test_bad_inputs_one_line_nothing_written(tiny_ckpt, bpe, tmp_path, capsys):
     with pytest.raises(StoryseekError, match="not a GPT-2-style byte-level BPE"):
         export_gguf(ckpt, tmp_path / "a.gguf")
     assert sorted(p.name for p in tmp_path.iterdir() if "gguf" in p.name) == []
+
+
+# ------------------------------------------------------- llama.cpp itself (llama-cpp-python)
+PROMPTS = ["Write a children's story about a shy little rabbit who learns that everyone needs a friend.",
+           "Write a children's story about a clever fox."]
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`pip install "
+                               "llama-cpp-python` builds llama.cpp, about 7 minutes on 2 cores)")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny preset (4 x 128, MLA + MoE + MTP) trained briefly on the builtin corpus, so its greedy
+    stories are text, not noise; and its f32 and q8_0 GGUF exports."""
+    from storyseek.data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("gguf-run")
+    data = prepare(PrepareConfig(dataset="builtin", tokenizer="bpe:512", max_docs=800, out=str(root / "data"),
+                                 num_proc=1))
+    assert main(["train", "--data", str(data), "--out", str(root / "run"), "--preset", "tiny", "--block-size", "128",
+                 "--batch-size", "8", "--max-iters", "200", "--eval-interval", "100", "--eval-iters", "2",
+                 "--warmup-iters", "20", "--checkpoint-interval", "0", "--device", "cpu", "--dtype", "float32"]) == 0
+    ckpt = root / "run" / "final_model.pt"
+    files = {kind: export_gguf(ckpt, root / f"story-{kind}.gguf", gguf_type=kind) for kind in ("f32", "q8_0")}
+    return ckpt, files
+
+
+def _llama(llama_cpp, path):
+    # f32 KV cache: the comparison should measure the weights' format, not a cache rounded to f16
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+
+
+def _llama_greedy(llm, ids, n):
+    """Greedy decoding one token at a time on llama.cpp's KV cache; returns the new ids and the
+    logits llama.cpp computed at every position of prompt + new tokens but the last."""
+    llm.reset()
+    llm.eval(ids)
+    new = []
+    for _ in range(n):
+        new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([new[-1]])
+    return new, np.array(llm.scores[: llm.n_tokens - 1])
+
+
+def _storyseek(ckpt):
+    from storyseek.generate.load import load_model
+
+    return load_model(ckpt, device="cpu", dtype="float32")
+
+
+@pytest.mark.slow
+def test_llama_cpp_f32_same_greedy_tokens_and_logits(llama_cpp, trained, capsys):
+    from storyseek.generate.decode import GenerateConfig, generate_ids
+    from storyseek.generate.sampling import SamplingConfig
+    from storyseek.generate.text import encode_prompt
+
+    ckpt, files = trained
+    model, tok = _storyseek(ckpt)
+    llm = _llama(llama_cpp, files["f32"])
+    for prompt in PROMPTS:
+        ids = encode_prompt(tok, prompt, raw=False)  # what `storyseek generate --prompt` feeds the model
+        # llama.cpp's tokenizer (gpt2 model, gpt-2 pre-tokenizer, control tokens) gives our ids
+        text = "<|prompt|>" + prompt
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        assert llm.tokenize(TEXTS[1].encode(), add_bos=False, special=False) == tok.encode(TEXTS[1])
+
+        greedy = GenerateConfig(max_tokens=48, sampling=SamplingConfig(temperature=0))
+        ours = generate_ids(model, [ids], greedy, vocab_size=tok.vocab_size)[0]  # no stops: all 48 tokens
+        theirs, logits = _llama_greedy(llm, ids, 48)
+        assert theirs == ours, (tok.decode(ours), tok.decode(theirs))
+        with torch.no_grad():
+            ref = model(torch.tensor([ids + ours[:-1]])).logits[0].numpy()
+        diff = np.abs(logits - ref).max()
+        with capsys.disabled():
+            print(f"\nllama.cpp f32 vs storyseek: 48/48 greedy tokens equal, max |logit diff| {diff:.2e} "
+                  f"(logits span {ref.min():.1f}..{ref.max():.1f}); story: {tok.decode(ours)[:120]!r}")
+        assert diff <= 1e-3
+
+
+@pytest.mark.slow
+def test_llama_cpp_stops_where_storyseek_generate_stops(llama_cpp, trained, capsys):
+    """`storyseek generate --temperature 0` (the CLI, story mode) and llama.cpp's own greedy sampler
+    with its end-of-generation tokens produce the same story; the chat template gives the story too."""
+    from storyseek.data.template import STORY
+    from storyseek.generate.text import encode_prompt, render
+
+    ckpt, files = trained
+    model, tok = _storyseek(ckpt)
+    llm = _llama(llama_cpp, files["f32"])
+    for prompt in PROMPTS:
+        assert main(["generate", "--model", str(ckpt), "--prompt", prompt, "--temperature", "0", "--max-tokens", "200",
+                     "--device", "cpu", "--dtype", "float32", "--no-stream"]) == 0
+        cli_story = capsys.readouterr().out.strip()
+        ids = encode_prompt(tok, prompt, raw=False)
+        new = []
+        for t in llm.generate(ids, temp=0.0, reset=True):
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t) or len(new) == 200:
+                break
+            new.append(t)
+        assert render(tok, new, raw=False).strip() == cli_story
+        assert len(new) < 200, "the trained model should end its story within 200 tokens"
+
+        # chat: the template turns the message into <|prompt|>...<|story|>
+        chat = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], temperature=0.0,
+                                          max_tokens=200)["choices"][0]["message"]["content"]
+        story_ids = tok.encode(f"<|prompt|>{prompt}{STORY}")
+        llm.reset()
+        expected = []
+        for t in llm.generate(story_ids, temp=0.0, reset=True):
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t) or len(expected) == 200:
+                break
+            expected.append(t)
+        specials = set(tok.special_ids.values())
+        assert chat == tok.decode([t for t in expected if t not in specials])
+
+
+@pytest.mark.slow
+def test_llama_cpp_q8_0_agrees_on_the_first_tokens(llama_cpp, trained, capsys):
+    from storyseek.generate.decode import GenerateConfig, generate_ids
+    from storyseek.generate.sampling import SamplingConfig
+    from storyseek.generate.text import encode_prompt
+
+    ckpt, files = trained
+    model, tok = _storyseek(ckpt)
+    llm = _llama(llama_cpp, files["q8_0"])
+    for prompt in PROMPTS:
+        ids = encode_prompt(tok, prompt, raw=False)
+        ours = generate_ids(model, [ids], GenerateConfig(max_tokens=48, sampling=SamplingConfig(temperature=0)),
+                            vocab_size=tok.vocab_size)[0]
+        theirs, logits = _llama_greedy(llm, ids, 48)
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+        with torch.no_grad():
+            ref = model(torch.tensor([ids + theirs[:-1]])).logits[0].numpy()
+        with capsys.disabled():
+            print(f"\nllama.cpp q8_0 vs storyseek f32: first {same}/48 greedy tokens equal, "
+                  f"max |logit diff| {np.abs(logits - ref).max():.3f}")
+        assert same >= 8
