@@ -88,6 +88,7 @@ def test_workflow_block_runs_offline_with_the_builtin_corpus(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "out/stories/training_metrics.png").exists()
     assert (tmp_path / "out/stories-hf/config.json").exists()
+    assert (tmp_path / "out/stories-q8_0.gguf").stat().st_size > 0
     assert "iteration,train_loss,val_loss" in (tmp_path / "out/stories/training_log.csv").read_text()
 
 
