@@ -57,9 +57,9 @@ def run(model: str | None, preset: str, n: int, threads: int, types: list[str], 
     import llama_cpp
 
     from storyseek.export.gguf import export_gguf
-    from storyseek.generate.decode import GenerateConfig, generate_ids
+    from storyseek.generate.config import GenerateConfig, SamplingConfig
+    from storyseek.generate.decode import generate_ids
     from storyseek.generate.load import load_model
-    from storyseek.generate.sampling import SamplingConfig
 
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)

@@ -385,8 +385,8 @@ def _storyseek(ckpt):
 
 @pytest.mark.slow
 def test_llama_cpp_f32_same_greedy_tokens_and_logits(llama_cpp, trained, capsys):
-    from storyseek.generate.decode import GenerateConfig, generate_ids
-    from storyseek.generate.sampling import SamplingConfig
+    from storyseek.generate.config import GenerateConfig, SamplingConfig
+    from storyseek.generate.decode import generate_ids
     from storyseek.generate.text import encode_prompt
 
     ckpt, files = trained
@@ -451,8 +451,8 @@ def test_llama_cpp_stops_where_storyseek_generate_stops(llama_cpp, trained, caps
 
 @pytest.mark.slow
 def test_llama_cpp_q8_0_agrees_on_the_first_tokens(llama_cpp, trained, capsys):
-    from storyseek.generate.decode import GenerateConfig, generate_ids
-    from storyseek.generate.sampling import SamplingConfig
+    from storyseek.generate.config import GenerateConfig, SamplingConfig
+    from storyseek.generate.decode import generate_ids
     from storyseek.generate.text import encode_prompt
 
     ckpt, files = trained
