@@ -117,6 +117,14 @@ def from_hf_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
 # ----------------------------------------------------------------------------------- config
 def check_exportable(cfg: ModelConfig) -> None:
     """Refuse what DeepseekV3 in transformers would load but compute differently."""
+    if cfg.attention != "mla":
+        raise StoryseekError(
+            f"attention {cfg.attention!r}: the DeepseekV3 format has only Multi-head Latent Attention, so a "
+            "multi-head attention baseline cannot be exported; evaluate and generate with it in storyseek directly")
+    if cfg.ffn == "dense" and cfg.mtp_depth > 0:
+        raise StoryseekError(
+            "ffn 'dense' with MTP: transformers' DeepseekV3 always builds the MTP layer as MoE, so a dense MTP "
+            "block cannot be exported; train with --multi-token 1 (or --ffn moe) to export")
     if cfg.score_func != "sigmoid":
         raise StoryseekError(
             "score_func 'softmax' (DeepSeek-V2 routing) has no exact transformers DeepseekV3 equivalent "

@@ -214,6 +214,11 @@ def _documents(records: Iterator[dict], cfg: PrepareConfig, counts: _Counts) -> 
             return
 
 
+def documents(records: Iterator[dict], cfg: PrepareConfig) -> Iterator[str]:
+    """The documents `prepare` makes of `records` (filters, template, dedup), of both splits."""
+    return (doc for _, doc in _documents(records, cfg, _Counts()))
+
+
 def _blocks(docs: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str, int]]:
     """(split, block text, documents in it): documents of one split, ~BLOCK_CHARS at a time."""
     parts: list[list[str]] = [[], []]

@@ -58,6 +58,13 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def token_bytes(self) -> np.ndarray:
+        """[vocab_size] int64: the UTF-8 bytes of text each id stands for; 0 for the special tokens.
+
+        Byte-level BPE is lossless, so the entries of a text's ids sum to len(text.encode()) once its
+        special tokens are removed: the denominator of bits per byte."""
+        raise NotImplementedError
+
     def to_dict(self) -> dict:
         raise NotImplementedError
 
@@ -126,6 +133,11 @@ class GPT2Tokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
+
+    def token_bytes(self) -> np.ndarray:
+        special = set(self.special_ids.values())
+        return np.array([0 if i in special else len(self._enc.decode_single_token_bytes(i))
+                         for i in range(self.vocab_size)], dtype=np.int64)
 
     def to_dict(self) -> dict:
         return {"spec": self.spec, "vocab_size": self.vocab_size, "special_ids": dict(self.special_ids)}
@@ -197,6 +209,13 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_bytes(self) -> np.ndarray:
+        # Byte-level BPE spells every byte as one printable character: a token's length in
+        # characters is its length in bytes.
+        special = set(self.special_ids.values())
+        return np.array([0 if i in special else len(self._tok.id_to_token(i))
+                         for i in range(self.vocab_size)], dtype=np.int64)
 
     def to_dict(self) -> dict:
         return {

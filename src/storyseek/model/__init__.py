@@ -8,7 +8,7 @@ from importlib import import_module
 
 from .config import PRESETS, ModelConfig, get_preset, pad_vocab
 
-_LAZY = {"LatentCache": ".mla", "ModelOutput": ".transformer", "Transformer": ".transformer"}
+_LAZY = {"KVCache": ".mha", "LatentCache": ".mla", "ModelOutput": ".transformer", "Transformer": ".transformer"}
 
 __all__ = ["PRESETS", "ModelConfig", "get_preset", "pad_vocab", *_LAZY]
 

@@ -1,4 +1,4 @@
-"""A pre-norm transformer block: x + MLA(norm(x)), then x + FFN(norm(x)), FFN dense or MoE."""
+"""A pre-norm transformer block: x + attention(norm(x)), then x + FFN(norm(x)); attention MLA or MHA, FFN dense or MoE."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .mha import MHA
 from .mla import MLA
 from .moe import MLP, MoE
 from .norm import RMSNorm
@@ -15,7 +16,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attn = MLA(cfg)
+        self.attn = MHA(cfg) if cfg.attention == "mha" else MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.ffn = MoE(cfg) if moe else MLP(cfg.n_embd, cfg.inter_dim)
         self.dropout = nn.Dropout(cfg.dropout)

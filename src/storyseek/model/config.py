@@ -21,14 +21,19 @@ class ModelConfig:
     n_layer: int = 6
     n_head: int = 8
     n_embd: int = 512
-    # Multi-head Latent Attention (DeepSeek-V2 section 2.1)
+    # attention: "mla" = Multi-head Latent Attention (DeepSeek-V2 section 2.1, mla.py); "mha" = standard
+    # multi-head attention with the same head widths and RoPE, caching every head's key and value (mha.py)
+    attention: str = "mla"
+    # Multi-head Latent Attention (DeepSeek-V2 section 2.1); the query/key/value head widths apply to MHA too
     q_lora_rank: int = 0  # 0: plain query projection, else low-rank query with its own RMSNorm
     kv_lora_rank: int = 128  # d_c: the compressed KV latent, the only per-token state the cache keeps
     qk_nope_head_dim: int = 32  # d_n: per-head query/key part without position
     qk_rope_head_dim: int = 32  # d_r: decoupled RoPE part (per-head query, one shared key)
     v_head_dim: int = 64  # d_v
     rope_theta: float = 10000.0
-    # feed-forward: the first n_dense_layers are dense SwiGLU, the rest DeepSeekMoE
+    # feed-forward: "moe" = the first n_dense_layers are dense SwiGLU, the rest (and MTP) DeepSeekMoE;
+    # "dense" = a dense SwiGLU of inter_dim in every block, MTP included (sets n_dense_layers = n_layer)
+    ffn: str = "moe"
     n_dense_layers: int = 1  # transformers: first_k_dense_replace
     inter_dim: int = 1536  # hidden width of a dense SwiGLU
     moe_inter_dim: int = 256  # hidden width of one routed expert
@@ -51,6 +56,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.ffn == "dense":
+            self.n_dense_layers = self.n_layer
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -62,6 +69,8 @@ class ModelConfig:
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
              f"qk_rope_head_dim must be a positive even number, got {self.qk_rope_head_dim}")
+        need(self.attention in ("mla", "mha"), f"attention must be mla or mha, got {self.attention!r}")
+        need(self.ffn in ("moe", "dense"), f"ffn must be moe or dense, got {self.ffn!r}")
         need(self.q_lora_rank >= 0, "q_lora_rank must be >= 0 (0 disables the low-rank query)")
         need(0 <= self.n_dense_layers <= self.n_layer, "n_dense_layers must be between 0 and n_layer")
         need(self.n_routed_experts >= 1, "n_routed_experts must be >= 1")
@@ -108,6 +117,8 @@ def pad_vocab(n_tokens: int, multiple: int = 64) -> int:
 
 # One line per field for `storyseek train --help` and the README's flag table.
 FIELD_HELP: dict[str, str] = {
+    "attention": "mla (Multi-head Latent Attention) or mha (standard multi-head attention with RoPE, the GPT baseline)",
+    "ffn": "moe (DeepSeekMoE after the dense layers) or dense (a dense SwiGLU in every block, MTP included)",
     "n_layer": "transformer blocks",
     "n_head": "attention heads",
     "n_embd": "model (residual stream) width",

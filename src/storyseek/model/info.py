@@ -43,6 +43,12 @@ def cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 4) -> dict[
     return {"latent": latent, "mha": mha}
 
 
+def variant(cfg: ModelConfig) -> str:
+    """The architecture in a few words, e.g. "MLA + MoE + MTP" or "MHA + dense" (the plain GPT)."""
+    parts = [cfg.attention.upper(), "MoE" if cfg.n_moe_layers else "dense"]
+    return " + ".join(parts + ["MTP"] * (cfg.mtp_depth > 0))
+
+
 def describe(cfg: ModelConfig) -> dict:
     return {"config": cfg.to_dict(), "parameters": count_parameters(cfg),
             "kv_cache_bytes_per_token_fp32": cache_bytes_per_token(cfg)}

@@ -60,6 +60,9 @@ class LatentCache:
         self.kv = torch.zeros(n_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device)
         self.pe = torch.zeros(n_layers, batch, max_len, rope_dim, dtype=dtype, device=device)
 
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[i], self.pe[i]
+
     def narrow(self, row: int, n: int = 1) -> "LatentCache":
         """A view of rows [row, row + n): writes through it land in this cache (re-prefilling one
         sequence of a batch, e.g. when its window slides past the context)."""

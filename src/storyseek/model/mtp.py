@@ -7,7 +7,8 @@ Module k predicts token t+k+1 from position t, keeping the causal chain through 
     P_k  = head(norm_k(h_k))
 
 h_0 is the main model's output after its final norm; the embedding and output head are shared with
-the main model. The block is always MoE, as in DeepSeek-V3 (transformers forces it too).
+the main model. The block is MoE, as in DeepSeek-V3 (transformers forces it too), unless the whole
+model is dense (`ffn="dense"`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class MTPModule(nn.Module):
         self.enorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
-        self.block = Block(cfg, moe=True)
+        self.block = Block(cfg, moe=cfg.ffn == "moe")
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)  # transformers: shared_head.norm
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

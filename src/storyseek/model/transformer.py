@@ -1,7 +1,7 @@
-"""The DeepSeek-V3-style language model: embedding, MLA + (dense | MoE) blocks, final norm, head, MTP.
+"""The DeepSeek-V3-style language model: embedding, MLA (or MHA) + (dense | MoE) blocks, final norm, head, MTP.
 
     logits, losses = model(idx, targets)          training / evaluation (causal, flash attention)
-    cache = model.new_cache(batch, max_len)       incremental decoding on the latent cache:
+    cache = model.new_cache(batch, max_len)       incremental decoding on the latent (MHA: key/value) cache:
     out = model(idx, cache=cache, pos=pos)        tokens idx [B, S] at absolute positions pos [B, S]
     logits, h = model.mtp_step(...)               MTP drafts for self-speculative decoding
 """
@@ -17,6 +17,7 @@ from torch import nn
 
 from .block import Block
 from .config import ModelConfig
+from .mha import KVCache
 from .mla import LatentCache, rope_tables
 from .moe import Gate, MoE
 from .mtp import MTPModule
@@ -118,9 +119,13 @@ class Transformer(nn.Module):
         return out
 
     # ------------------------------------------------------------- decoding API
-    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> LatentCache:
-        """A preallocated latent cache for the main layers and the MTP modules."""
+    def new_cache(self, batch: int, max_len: int | None = None,
+                  dtype: torch.dtype | None = None) -> LatentCache | KVCache:
+        """A preallocated cache for the main layers and the MTP modules: MLA's latents, or MHA's keys and values."""
         cfg = self.cfg
+        if cfg.attention == "mha":
+            return KVCache(cfg.n_layer + cfg.mtp_depth, batch, max_len or cfg.block_size, cfg.n_head, cfg.qk_head_dim,
+                           cfg.v_head_dim, dtype=dtype or self.embed.weight.dtype, device=self.embed.weight.device)
         return LatentCache(cfg.n_layer + cfg.mtp_depth, batch, max_len or cfg.block_size, cfg.kv_lora_rank,
                            cfg.qk_rope_head_dim, dtype=dtype or self.embed.weight.dtype, device=self.embed.weight.device)
 
@@ -136,8 +141,8 @@ class Transformer(nn.Module):
         return self.head(module.norm(h[:, -1:] if last_only else h)), h
 
     @staticmethod
-    def _layer_cache(cache: LatentCache | None, i: int):
-        return None if cache is None else (cache.kv[i], cache.pe[i])
+    def _layer_cache(cache: LatentCache | KVCache | None, i: int):
+        return None if cache is None else cache.layer(i)
 
     # ------------------------------------------------------ MoE load balancing
     def moe_layers(self) -> list[MoE]:

@@ -460,7 +460,7 @@ class _Interval:
 
     def __init__(self, cfg: ModelConfig, device: torch.device):
         self.device = device
-        n_moe = cfg.n_moe_layers + cfg.mtp_depth
+        n_moe = cfg.n_moe_layers + cfg.mtp_depth * (cfg.ffn == "moe")  # the MTP block is MoE unless all is dense
         self.has_moe, self.has_mtp = n_moe > 0, cfg.mtp_depth > 0
         self.load = torch.zeros(n_moe, cfg.n_routed_experts, device=device)
         self.sums = torch.zeros(4, device=device)  # main, mtp, balance, steps with a non-finite loss
