@@ -54,6 +54,7 @@ TINY_VARIANTS = {
     "tiny": dict(),
     "tiny-no-dense-qlora": dict(n_dense_layers=0, q_lora_rank=32),
     "tiny-2dense-untied-nomtp": dict(n_layer=3, n_dense_layers=2, tie_embeddings=False, mtp_depth=0),
+    "tiny-dense-nomtp": dict(ffn="dense", mtp_depth=0),  # the --ffn dense baseline exports (first_k_dense_replace = n_layer)
     "tiny-shared0-scale": dict(n_layer=2, n_shared_experts=0, route_scale=2.5, n_routed_experts=6, n_activated_experts=3),
 }
 

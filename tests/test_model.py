@@ -33,6 +33,8 @@ VARIANTS = {
     "q_lora": dict(q_lora_rank=24),
     "softmax-all-moe": dict(score_func="softmax", n_dense_layers=0, route_scale=2.0),
     "mtp-depth-2": dict(mtp_depth=2),
+    "mha-dense": dict(attention="mha", ffn="dense"),  # the plain-GPT baseline (with MTP)
+    "mha-moe-nomtp": dict(attention="mha", mtp_depth=0),
 }
 
 
