@@ -17,7 +17,7 @@ from storyseek.eval.score import score, windows
 from storyseek.eval.stories import Prompt, Sample, prompts_from_file, sample_stories, split_story, story_checks
 from storyseek.generate.decode import GenerateConfig
 from storyseek.model import Transformer, get_preset, pad_vocab
-from storyseek.train.checkpoint import save_checkpoint
+from storyseek.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

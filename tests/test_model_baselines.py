@@ -15,7 +15,7 @@ from storyseek.model import KVCache, ModelConfig, Transformer
 from storyseek.model.info import cache_bytes_per_token, count_parameters, variant
 from storyseek.model.mha import MHA
 from storyseek.model.moe import MLP, MoE
-from storyseek.train.checkpoint import save_checkpoint
+from storyseek.checkpoint import save_checkpoint
 from storyseek.train.config import build_train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
