@@ -15,7 +15,7 @@ from storyseek.data.template import SPECIAL_PATTERN, story_document
 from storyseek.data.tokenizer import BPETokenizer, GPT2Tokenizer
 from storyseek.eval.score import score, windows
 from storyseek.eval.stories import Prompt, Sample, prompts_from_file, sample_stories, split_story, story_checks
-from storyseek.generate.decode import GenerateConfig
+from storyseek.generate.config import GenerateConfig
 from storyseek.model import Transformer, get_preset, pad_vocab
 from storyseek.checkpoint import save_checkpoint
 
@@ -223,7 +223,7 @@ def test_files_and_dataset_sources_per_file_with_a_total(story_dir, bpe, tmp_pat
     (["--model", "nope.pt"], "nothing to evaluate"),
     (["--model", "{ckpt}", "--files", "{notes}", "--format", "text", "--stride", "500"], "--stride must be between 1 and"),
     (["--model", "{ckpt}", "--files", "{notes}", "--format", "text", "--stories", "2"], "--stories needs prompts"),
-    (["--model", "{ckpt}", "--files", "{notes}"], "no 'prompt' column"),
+    (["--model", "{ckpt}", "--files", "{notes}", "--max-docs", "0"], "--max-docs must be >= 1"),
     (["--model", "{notes}", "--files", "{notes}", "--format", "text"], "not a readable storyseek checkpoint"),
     (["--model", "{ckpt}", "--stories", "2", "--prompts", "missing.txt"], "prompt file not found"),
 ])

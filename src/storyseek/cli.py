@@ -184,57 +184,27 @@ def _add_generate(sub) -> None:
 
 
 def _add_eval(sub) -> None:
+    from .eval.config import EvalConfig
+    from .generate.config import SamplingConfig
+
     p = sub.add_parser(
         "eval", help="held-out loss, perplexity and bits per byte; story checks on sampled stories",
         description="Score a model (checkpoint or exported directory) per source: mean loss, perplexity and bits "
         "per byte (comparable across tokenizers) over the text tokens, the template's special tokens being "
         "context only; long documents in sliding windows. --stories N samples N stories and reports how many end "
         "by themselves, repeated 4-grams, distinct-2, length and morals.",
+        argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--model", required=True, metavar="PATH", help="checkpoint file or exported directory")
-    src = p.add_argument_group("what to score (any of)")
-    src.add_argument("--data", metavar="DIR", help="prepared data directory: its validation split")
-    src.add_argument("--files", nargs="+", metavar="PATH", help="local .jsonl/.json/.csv/.parquet/.txt files or "
-                     "globs, one source per file, made into documents as `prepare` does")
-    src.add_argument("--dataset", metavar="NAME", help="Hugging Face dataset (or local dataset folder), streamed")
-    src.add_argument("--config", dest="dataset_config", metavar="NAME", help="--dataset configuration (subset)")
-    src.add_argument("--split", default="validation", help="--dataset split (default: validation)")
-    src.add_argument("--format", default="story", choices=("story", "text"),
-                     help="--files/--dataset records: story template (default) or plain text")
-    src.add_argument("--prompt-column", default="prompt", help="column holding the prompt (default: prompt)")
-    src.add_argument("--text-column", default="text", help="column holding the story/text (default: text)")
-    src.add_argument("--max-docs", type=int, help="score only the first N documents of each source")
-    run_ = p.add_argument_group("scoring")
-    run_.add_argument("--stride", type=int, help="sliding-window step for documents longer than the context; "
-                      "every token keeps at least context - stride tokens of context (default: half the context)")
-    run_.add_argument("--batch-size", type=int, default=8, help="windows (and stories) per forward pass (default: 8)")
-    run_.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
-    run_.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                      help="weights dtype (default: auto = bfloat16 on GPUs that support it, else float32)")
-    run_.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    st = p.add_argument_group("story checks")
-    st.add_argument("--stories", type=int, default=0, help="sample N stories and report the story checks (default: 0)")
-    st.add_argument("--prompts", metavar="FILE", help="prompts for --stories: a .txt file (one per line) or a data "
-                    "file's prompt column (default: the prompts of the scored story documents)")
-    st.add_argument("--max-tokens", type=int, default=300, help="new tokens per story at most (default: 300)")
-    st.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
-    st.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass in (0, 1] (default: 0.9)")
-    st.add_argument("--seed", type=int, default=1337, help="random seed of the stories (default: 1337)")
+    _add_settings(p, EvalConfig)
+    _add_settings(p, SamplingConfig, group="story sampling")
 
     def run(args):
-        from .eval.command import EvalConfig, eval_command
-        from .eval.sources import RecordFormat
-        from .generate.decode import GenerateConfig
-        from .generate.sampling import SamplingConfig
+        from .eval.command import eval_command
 
-        gen = GenerateConfig(max_tokens=args.max_tokens, seed=args.seed,
-                             sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p))
-        records = RecordFormat(format=args.format, prompt_column=args.prompt_column, text_column=args.text_column,
-                               max_docs=args.max_docs)
-        eval_command(EvalConfig(model=args.model, data=args.data, files=args.files or [], dataset=args.dataset,
-                                dataset_config=args.dataset_config, split=args.split, records=records,
-                                stride=args.stride, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                                as_json=args.json, stories=args.stories, prompts=args.prompts, generate=gen))
+        typed = _typed(args)
+        sampling = SamplingConfig(**_take(typed, SamplingConfig))
+        eval_command(EvalConfig(**typed), sampling)
 
     p.set_defaults(func=run)
 

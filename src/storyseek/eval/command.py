@@ -12,63 +12,29 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass, field
 
 from ..errors import StoryseekError
-from ..generate.decode import GenerateConfig
-from ..generate.sampling import SamplingConfig
+from ..generate.config import GenerateConfig, SamplingConfig
+from .config import EvalConfig
 from .sources import RecordFormat, Source
-
-
-@dataclass
-class EvalConfig:
-    model: str
-    data: str | None = None  # prepared directory: its validation split
-    files: list[str] = field(default_factory=list)
-    dataset: str | None = None
-    dataset_config: str | None = None
-    split: str = "validation"
-    records: RecordFormat = field(default_factory=RecordFormat)
-    stride: int | None = None  # None: half the model's context
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    as_json: bool = False
-    # story checks
-    stories: int = 0
-    prompts: str | None = None
-    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(max_tokens=300, seed=1337))
-
-    def __post_init__(self) -> None:
-        if not (self.data or self.files or self.dataset or self.stories):
-            raise StoryseekError("nothing to evaluate: give --data DIR, --files PATH, --dataset NAME and/or --stories N")
-        if self.batch_size < 1:
-            raise StoryseekError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.stride is not None and self.stride < 1:
-            raise StoryseekError(f"--stride must be >= 1, got {self.stride}")
-        if self.stories < 0:
-            raise StoryseekError(f"--stories must be >= 0, got {self.stories}")
-        if self.records.max_docs is not None and self.records.max_docs < 1:
-            raise StoryseekError(f"--max-docs must be >= 1, got {self.records.max_docs}")
-        if self.records.format not in ("story", "text"):
-            raise StoryseekError(f"--format must be story or text, got {self.records.format!r}")
 
 
 def load_sources(cfg: EvalConfig) -> list[Source]:
     from .sources import data_dir_source, dataset_source, file_sources
 
+    records = RecordFormat(cfg.format, cfg.prompt_column, cfg.text_column, cfg.max_docs)
     out = []
     if cfg.data:
-        out.append(data_dir_source(cfg.data, cfg.records.max_docs))
+        out.append(data_dir_source(cfg.data, cfg.max_docs))
     if cfg.files:
-        out += file_sources(cfg.files, cfg.records)
+        out += file_sources(list(cfg.files), records)
     if cfg.dataset:
-        out.append(dataset_source(cfg.dataset, cfg.dataset_config, cfg.split, cfg.records))
+        out.append(dataset_source(cfg.dataset, cfg.dataset_config, cfg.split, records))
     return out
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Everything `storyseek eval` reports, as the dict --json prints."""
+def evaluate(cfg: EvalConfig, sampling: SamplingConfig | None = None) -> dict:
+    """Everything `storyseek eval` reports, as the dict --json prints; `sampling` is for the stories."""
     from ..generate.load import load_model
     from ..model.info import variant
     from .score import score
@@ -87,15 +53,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     report["sources"] = [s.to_dict() for s in scores]
     if cfg.stories:
         if cfg.prompts:
-            prompts = prompts_from_file(cfg.prompts, cfg.records.prompt_column)
+            prompts = prompts_from_file(cfg.prompts, cfg.prompt_column)
         else:
             prompts = [p for s in sources for p in prompts_from_documents(s.docs)]
             if not prompts:
                 raise StoryseekError("--stories needs prompts: give --prompts FILE, or story-format --data/--files/--dataset")
-        samples = sample_stories(model, tokenizer, prompts, cfg.stories, cfg.generate, cfg.batch_size)
-        s = cfg.generate.sampling
-        report["stories"] = {**story_checks(samples), "max_tokens": cfg.generate.max_tokens,
-                             "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": cfg.generate.seed,
+        s = sampling or SamplingConfig()
+        gen = GenerateConfig(max_tokens=cfg.max_tokens, sampling=s, seed=cfg.seed)
+        samples = sample_stories(model, tokenizer, prompts, cfg.stories, gen, cfg.batch_size)
+        report["stories"] = {**story_checks(samples), "max_tokens": cfg.max_tokens, "temperature": s.temperature,
+                             "top_p": s.top_p, "top_k": s.top_k, "repetition_penalty": s.repetition_penalty, "seed": cfg.seed,
                              "examples": [{"prompt": x.prompt.text, "text": x.text} for x in samples[:2]]}
     return report
 
@@ -124,8 +91,8 @@ def print_report(report: dict) -> None:
             print(ex["text"])
 
 
-def eval_command(cfg: EvalConfig) -> None:
-    report = evaluate(cfg)
+def eval_command(cfg: EvalConfig, sampling: SamplingConfig | None = None) -> None:
+    report = evaluate(cfg, sampling)
     if cfg.as_json:
         json.dump(_finite(report), sys.stdout, indent=2)
         print()

@@ -24,7 +24,7 @@ from ..data import sources
 from ..data.template import MORAL, SPECIAL_PATTERN, STORY, parse_document
 from ..data.tokenizer import Tokenizer
 from ..errors import StoryseekError
-from ..generate.decode import GenerateConfig
+from ..generate.config import GenerateConfig
 from ..generate.text import generate
 from ..model import Transformer
 
