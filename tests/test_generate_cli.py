@@ -1,6 +1,7 @@
 """`storyseek generate` and the text API end to end on a tiny checkpoint with its own BPE tokenizer;
 bad inputs fail with one clear line."""
 
+import re
 import subprocess
 import sys
 
@@ -151,3 +152,11 @@ def test_bf16_inference_keeps_the_router_exactly_fp32(ckpt, tmp_path):
             assert exact.dtype == torch.float32 and not torch.equal(exact, exact.bfloat16().float())
             assert params[f"{g}.{part}"].dtype == torch.float32
             assert torch.equal(params[f"{g}.{part}"], exact), f"{g}.{part}"
+
+
+def test_a_batch_that_cannot_fit_is_refused_with_the_numbers(ckpt, capsys):
+    code, out, err = _run(capsys, "--model", ckpt, "--num-samples", 10_000_000, "--max-tokens", 5)
+    assert code == 1 and out == ""
+    assert re.fullmatch(r"storyseek: error: generating 10,000,000 stories at once \(1 prompts x --num-samples "
+                        r"10000000, a 64-token cache each\) needs about [\d,.]+ GB \(.*latent cache [\d,.]+ GB.*\) "
+                        r"but only [\d,.]+ GB .*: lower --num-samples or give fewer prompts\n", err), err

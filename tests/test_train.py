@@ -21,9 +21,8 @@ from storyseek.data.prepare import PrepareConfig, prepare
 from storyseek.errors import StoryseekError
 from storyseek.model import Transformer
 from storyseek.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from storyseek.train.config import TrainConfig, build_train_config
+from storyseek.train.config import build_train_config
 from storyseek.train.loop import train
-from storyseek.train.metrics import CSV_COLUMNS
 from storyseek.train.optim import configure_optimizer, lr_at
 from storyseek.train.precision import resolve_dtype
 
@@ -329,3 +328,52 @@ def test_dtype_auto_follows_the_hardware(monkeypatch):
     assert resolve_dtype("bfloat16", cpu)[0] == torch.bfloat16
     with pytest.raises(StoryseekError, match="float16 needs a CUDA GPU"):
         resolve_dtype("float16", cpu)
+
+
+# ---------------------------------------------------------------------------------- failures users hit
+
+
+def test_a_step_that_cannot_fit_is_refused_before_anything_is_allocated_or_written(tmp_path):
+    """The issue's `--preset tiny --block-size 100000`: once allocated 24 GB and was killed by the kernel."""
+    big_val = tmp_path / "data"
+    prepare(PrepareConfig(dataset="builtin", tokenizer="bpe:512", max_docs=600, val_fraction=0.5, out=str(big_val),
+                          num_proc=1))
+    out = tmp_path / "run"
+    probe = ("import resource, subprocess, sys, time; t = time.time(); "
+             "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024; "
+             "print(r.returncode, peak, time.time() - t); print(r.stderr, end='', file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "storyseek", "train", "--data", str(big_val),
+                        "--out", str(out), "--preset", "tiny", "--block-size", "100000"],
+                       capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    rc, peak, seconds = r.stdout.split()
+    assert rc == "1"
+    assert re.fullmatch(r"storyseek: error: a training step of --batch-size 8 x --block-size 100000 \(.*\) needs "
+                        r"about [\d,.]+ GB \(.*attention scores [\d,.]+ GB\) but only [\d,.]+ GB .*: lower "
+                        r"--batch-size or --block-size.*\n", r.stderr), r.stderr
+    assert int(peak) < 2e9  # refused from the estimate: the step itself would need terabytes
+    assert not out.exists()
+    print(f"refused in {float(seconds):.1f} s (issue target: < 10 s on an idle machine)")
+
+
+def test_sigterm_during_evaluation_saves_latest_and_exits_within_seconds(data, tmp_path):
+    """Evaluation used to ignore SIGTERM until its eval_iters x 2 batches were done (minutes on the
+    default preset); clusters give ~30 s before SIGKILL."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "storyseek", "train", "--data", str(data), "--out", str(out), *TINY,
+           "--eval-iters", "1000000", "--max-iters", "10"]  # the first evaluation would take hours
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**SUBPROCESS_ENV, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout.readline().startswith("training ")  # printed just before the first evaluation
+    assert proc.stdout.readline().startswith("1")  # "N tokens per iteration ..."
+    time.sleep(1.0)  # well inside the evaluation now
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    waited = time.time() - sent
+    assert proc.returncode == 130, stderr
+    assert "interrupted at iter 0: saved" in stdout and "Traceback" not in stderr
+    assert waited < 10, waited  # one evaluation batch of a 2-layer model, then one save
+    state = load_checkpoint(out / "latest.pt")
+    assert state["iter"] == 0 and state["evaluated"] is False and "optimizer" in state  # resume redoes the evaluation
+    assert not (out / "training_log.csv").read_text().splitlines()[1:]  # no half evaluation was logged

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ..data.template import CHARACTER, MORAL, STORY, story_prompt
 from ..data.tokenizer import Tokenizer, stop_ids
 from ..errors import StoryseekError
+from ..memory import check_fits, generate_bytes
 from ..model import Transformer
 from .decode import DecodeStats, GenerateConfig, decode
 
@@ -61,6 +62,11 @@ def render(tokenizer: Tokenizer, ids: list[int], raw: bool, final: bool = True) 
 
 
 def _prepare(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: GenerateConfig) -> list[list[int]]:
+    batch = len(prompts) * cfg.num_samples
+    weight = model.embed.weight
+    check_fits(generate_bytes(model.cfg, batch, weight.element_size()), weight.device,
+               f"generating {batch:,} stories at once ({len(prompts):,} prompts x --num-samples {cfg.num_samples}, "
+               f"a {model.cfg.block_size:,}-token cache each)", "lower --num-samples or give fewer prompts")
     encoded = [encode_prompt(tokenizer, p, cfg.raw) for p in prompts]
     long = sum(len(e) >= model.cfg.block_size for e in encoded)
     if long:

@@ -39,6 +39,7 @@ from ..data.batches import RandomWindows
 from ..data.shards import load_meta, open_tokens
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import StoryseekError
+from ..memory import check_fits, local_processes, train_step_bytes
 from ..model import ModelConfig, Transformer, get_preset, pad_vocab
 from ..model.config import TRAINING_FIELDS
 from ..model.info import count_parameters
@@ -112,6 +113,8 @@ class Trainer:
             if len(data) <= self.T + 1:
                 raise StoryseekError(f"{cfg.data}: the {split} split has {len(data):,} tokens, too few for "
                                      f"--block-size {self.T}; lower --block-size or prepare more data")
+        self.dtype, self.dtype_why = resolve_dtype(cfg.dtype, self.device)
+        _check_memory(cfg, self.model_cfg, self.T, self.device, self.dtype)
 
         # ------------------------------------------------------------ model
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -119,7 +122,6 @@ class Trainer:
         if start is not None:
             _load_weights(self.raw_model, start["model"], self.source)
         self.raw_model.to(self.device)
-        self.dtype, self.dtype_why = resolve_dtype(cfg.dtype, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
             torch.backends.cudnn.allow_tf32 = True
@@ -360,6 +362,14 @@ def _model_config(cfg: TrainConfig, base_cfg: ModelConfig | None, start: dict | 
     if cfg.block_size and cfg.block_size > mc.block_size:
         raise StoryseekError(f"--block-size {cfg.block_size} exceeds the model's context of {mc.block_size} tokens ({source})")
     return mc.replace(**{k: v for k, v in cfg.model.items() if k in allowed})
+
+
+def _check_memory(cfg: TrainConfig, model_cfg: ModelConfig, T: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before anything is allocated or written, a step that cannot fit in free RAM / GPU memory."""
+    step = train_step_bytes(model_cfg, cfg.batch_size, T, device, activation_bytes=dtype.itemsize)
+    check_fits(step, device, f"a training step of --batch-size {cfg.batch_size} x --block-size {T} "
+               f"({model_cfg.n_layer} layers x {model_cfg.n_embd}, vocabulary {model_cfg.vocab_size:,})",
+               "lower --batch-size or --block-size (--grad-accum keeps the tokens per step)", local_processes())
 
 
 def _load_weights(model: Transformer, state_dict: dict, source: str) -> None:
