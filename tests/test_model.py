@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from storyseek.model import ModelConfig, Transformer, get_preset
 from storyseek.model.info import cache_bytes_per_token, count_parameters
-from storyseek.model.moe import MoE
+from storyseek.model.moe import MoE, moe_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,11 +67,40 @@ def test_latent_cache_decoding_equals_full_forward(variant, prompt_len):
     with torch.no_grad():
         full = model(tokens).logits
         cache = model.new_cache(batch=2)
-        pos = torch.arange(prompt_len).expand(2, -1)
-        steps = [model(tokens[:, :prompt_len], cache=cache, pos=pos).logits]
+        steps = [model(tokens[:, :prompt_len], cache=cache).logits]  # a fresh prefill (expanded attention)
         for t in range(prompt_len, T):
-            steps.append(model(tokens[:, t : t + 1], cache=cache, pos=torch.full((2, 1), t)).logits)
+            # The attended length is the caller's: exactly t + 1, or more (masked) every other step.
+            length = t + 1 if t % 2 else T
+            steps.append(model(tokens[:, t : t + 1], cache=cache, pos=torch.full((2, 1), t), length=length).logits)
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_continuous_batching_requests_join_and_leave_cache_slots():
+    """The serving API: one cache of slots, each an independent sequence. A request joins by a
+    fresh prefill of its slot while the others are mid-decode; a finished one just leaves; a free
+    slot is fed a dummy token at position 0. Every request sees exactly its own full forward."""
+    model = small_model()
+    requests = [torch.randint(0, 128, (n,)) for n in (20, 14, 17)]
+    with torch.no_grad():
+        ref = [model(r[None]).logits[0] for r in requests]
+        cache = model.new_cache(batch=2)
+        slot_of, fed = {0: 0}, {0: 6}  # request 0 in slot 0, its first 6 tokens prefilled
+        model(requests[0][None, :6], cache=cache.narrow(0))
+        joins = {3: (1, 1, 5), 9: (2, 0, 4)}  # at step s: (request, slot, prompt tokens); request 2 reuses slot 0
+        for s in range(12):
+            if s in joins:
+                r, slot, n = joins[s]
+                slot_of = {q: sl for q, sl in slot_of.items() if sl != slot}  # the slot's old request has left
+                logits = model(requests[r][None, :n], cache=cache.narrow(slot), last_only=True).logits
+                assert (logits[0, -1] - ref[r][n - 1]).abs().max().item() <= 1e-4
+                slot_of[r], fed[r] = slot, n
+            tok, pos = torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)
+            for r, slot in slot_of.items():
+                tok[slot, 0], pos[slot, 0] = requests[r][fed[r]], fed[r]
+            logits = model(tok, cache=cache, pos=pos, length=int(pos.max()) + 1).logits
+            for r, slot in slot_of.items():
+                assert (logits[slot, 0] - ref[r][fed[r]]).abs().max().item() <= 1e-4, (s, r)
+                fed[r] += 1
 
 
 def test_cache_rows_at_different_positions_and_rollback():
@@ -133,6 +162,20 @@ def test_vectorized_moe_equals_per_token_reference(score_func):
     with torch.no_grad():
         fast, _ = moe(x)
         slow = naive_moe(moe, x.view(-1, 64)).view(3, 11, 64)
+    assert (fast - slow).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (4, 1), (3, 5)])
+def test_moe_decode_path_equals_per_token_reference(score_func, shape):
+    """Decode-step MoE: one token runs only its chosen experts, more tokens weigh every expert by
+    the gate matrix; both are the same function as the training dispatch."""
+    model = small_model(score_func=score_func, route_scale=2.5)
+    moe = model.moe_layers()[0]
+    x = torch.randn(*shape, 64)
+    with torch.no_grad():
+        fast = moe_decode(moe, x)
+        slow = naive_moe(moe, x.view(-1, 64)).view(*shape, 64)
     assert (fast - slow).abs().max().item() <= 1e-5
 
 

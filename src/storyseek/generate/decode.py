@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import StoryseekError
-from ..model import LatentCache, Transformer
+from ..model import CacheStep, LatentCache, Transformer
 from .config import GenerateConfig
 from .sampling import draw, probabilities, speculative_accept
 
@@ -93,6 +93,7 @@ class _Decoder:
         self.seqs = [list(p[-keep:]) for p in prompts]  # the tokens of each row's current window
         stats.prompt_tokens = sum(len(s) for s in self.seqs)
         B = len(prompts)
+        self.rows = torch.arange(B, device=self.device)
         self.generated = [0] * B
         self.done = [False] * B
         self.seen = None
@@ -139,12 +140,18 @@ class _Decoder:
         return out
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad rows by repeating each row's last token at its last position: a duplicate write
-        of the same latent to the same place, so no row ever sees padding. -> idx, pos [B, S]."""
+        """Right-pad rows by repeating each row's last token -> (idx [B, S], index of each row's
+        last real token [B]). Attention is causal and a row only ever reads cache positions it has
+        written since, so padding never reaches a real token."""
         S = max(len(r) for r in rows)
         idx = torch.tensor([r + [r[-1]] * (S - len(r)) for r in rows], device=self.device)
-        pos = torch.tensor([list(range(len(r))) + [len(r) - 1] * (S - len(r)) for r in rows], device=self.device)
-        return idx, pos
+        return idx, torch.tensor([len(r) - 1 for r in rows], device=self.device)
+
+    def _last(self, out, last: torch.Tensor) -> torch.Tensor:
+        """Each row's logits at its last real token [B, V], from a forward run with last_only."""
+        if bool((last == out.hidden.shape[1] - 1).all()):
+            return self._logits(out.logits[:, -1])
+        return self._logits(self.model.head(out.hidden[self.rows[: last.numel()], last]))
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> Iterator[list[list[int]]]:
@@ -161,104 +168,94 @@ class _Decoder:
                 break
         self.stats.total_s = time.perf_counter() - start
 
-    def _prefill(self, cache: LatentCache, rows: list[list[int]]):
-        """Feed whole windows (each at positions 0..len-1) -> (last logits [B, V], hidden [B, S, D], pos)."""
-        idx, pos = self._pad(rows)
-        out = self.model(idx, cache=cache, pos=pos, last_only=True)
-        return self._logits(out.logits[:, -1]), out.hidden, idx, pos
-
     def _no_cache(self) -> Iterator[list[list[int]]]:
         """The reference: every step runs the full forward on each row's last block_size tokens."""
         while True:
-            windows = [s[-self.block :] for s in self.seqs]
-            lengths = torch.tensor([len(w) for w in windows], device=self.device)
-            idx, _ = self._pad(windows)
+            idx, last = self._pad([s[-self.block :] for s in self.seqs])
             # Causal, so padding after a row cannot change it; the head runs on each row's last position only.
-            hidden = self.model(idx, last_only=True).hidden  # [B, S, D]
-            last = self._logits(self.model.head(hidden[torch.arange(len(windows)), lengths - 1]))
-            tok, _ = self._choose(last, self.seen)
+            out = self.model(idx, last_only=True)
+            tok, _ = self._choose(self._last(out, last), self.seen)
             yield self._accept([[t] for t in tok.tolist()])
 
     def _plain(self) -> Iterator[list[list[int]]]:
-        B = len(self.seqs)
-        cache = self.model.new_cache(B)
-        logits, _, _, _ = self._prefill(cache, self.seqs)
-        tok, _ = self._choose(logits, self.seen)
+        """One token per row and step. The token and its position stay on the device between
+        steps; the host reads the new tokens once per step and passes the attended length."""
+        cache = self.model.new_cache(len(self.seqs))
+        idx, last = self._pad(self.seqs)
+        tok, _ = self._choose(self._last(self.model(idx, cache=cache, last_only=True), last), self.seen)
+        pos = last + 1  # [B]: where each row's unfed last token goes
         yield self._accept([[t] for t in tok.tolist()])
-        rows = torch.arange(B, device=self.device)
         while True:
-            for r in range(B):
+            for r in range(len(self.seqs)):
                 if not self.done[r] and len(self.seqs[r]) > self.block:
                     self._slide(cache, r)
-            # Finished rows keep re-feeding their last token at its old position: harmless, no growth.
-            pos = torch.tensor([[min(len(s), self.block) - 1] for s in self.seqs], device=self.device)
-            idx = torch.tensor([[s[-1]] for s in self.seqs], device=self.device)
-            out = self.model(idx, cache=cache, pos=pos)
-            tok, _ = self._choose(self._logits(out.logits[rows, -1]), self.seen)
+                    pos[r] = len(self.seqs[r]) - 1
+            length = max(min(len(s), self.block) for s in self.seqs)
+            out = self.model(tok[:, None], cache=cache, pos=pos[:, None], length=length)
+            tok, _ = self._choose(self._logits(out.logits[:, -1]), self.seen)
+            pos = (pos + 1).clamp_(max=self.block - 1)  # finished rows run on harmlessly, in range
             yield self._accept([[t] for t in tok.tolist()])
 
     def _slide(self, cache: LatentCache, r: int) -> tuple:
         """Row r outgrew the context: keep its last 3/4 block, re-prefill it at positions 0.. in the
         row's own cache slice (its last token stays unfed, as the loop expects). Returns what MTP
-        needs to catch up: (the row's cache view, hidden [1, S, D], next tokens [1, S], pos [1, S])."""
+        needs to catch up: (the row's cache view, hidden [1, S, D], next tokens [1, S])."""
         keep = self.block - self.block // 4
         self.seqs[r] = self.seqs[r][-keep:]
         view = cache.narrow(r)
-        _, hidden, idx, pos = self._prefill(view, [self.seqs[r][:-1]])
-        nxt = torch.tensor([self.seqs[r][1:]], device=self.device)
-        return view, hidden, nxt, pos
+        hidden = self.model(torch.tensor([self.seqs[r][:-1]], device=self.device), cache=view, last_only=True).hidden
+        return view, hidden, torch.tensor([self.seqs[r][1:]], device=self.device)
+
+    def _draft_after_slide(self, cache: LatentCache, r: int) -> torch.Tensor:
+        """_slide for speculative decoding: the MTP module re-reads the window too -> draft logits [V]."""
+        view, hidden, nxt = self._slide(cache, r)
+        return self._logits(self.model.mtp_step(hidden, nxt, view, last_only=True)[0][0, -1])
 
     def _speculative(self) -> Iterator[list[list[int]]]:
-        model, B = self.model, len(self.seqs)
-        cache = model.new_cache(B)
-        rows = torch.arange(B, device=self.device)
+        model, rows = self.model, self.rows
         greedy = self.sampling.greedy
-        logits, hidden, idx, pos = self._prefill(cache, self.seqs)
-        tok, _ = self._choose(logits, self.seen)
+        cache = model.new_cache(len(self.seqs))
+        idx, last = self._pad(self.seqs)
+        out = model(idx, cache=cache, last_only=True)
+        tok, _ = self._choose(self._last(out, last), self.seen)
         # MTP sees every prompt position i with (h_i, t_{i+1}); the last one's next token is `tok`.
-        # Padding columns repeat the last position, so they must repeat its pair (h_{len-1}, tok) too.
-        lengths = torch.tensor([len(s) for s in self.seqs], device=self.device)
-        cols = torch.arange(idx.size(1), device=self.device)
-        nxt = torch.where(cols >= lengths[:, None] - 1, tok[:, None], idx.roll(-1, dims=1))
+        nxt = idx.roll(-1, dims=1)
+        nxt[rows, last] = tok
+        h = model.mtp_hidden(out.hidden, nxt, cache, CacheStep())[rows, last]  # [B, D]
+        draft_logits = self._logits(model.head(model.mtp[0].norm(h)))  # [B, V]: proposes the token after tok
+        pos = last + 1  # [B]: where tok (t_{n-1}, unfed) goes
         yield self._accept([[t] for t in tok.tolist()])
-        draft_logits, _ = model.mtp_step(hidden, nxt, cache, pos, last_only=True)
-        draft_logits = self._logits(draft_logits[:, -1])  # [B, V]: proposes t_n
         while True:
-            for r in range(B):
-                if not self.done[r] and len(self.seqs[r]) + 1 > self.block:  # verify writes at n-1 and n
-                    view, h, nx, ps = self._slide(cache, r)
-                    draft_logits[r] = self._logits(model.mtp_step(h, nx, view, ps, last_only=True)[0][0, -1])
+            for r in range(len(self.seqs)):
+                if not self.done[r] and len(self.seqs[r]) + 1 > self.block:  # a verify writes at n-1 and n
+                    draft_logits[r] = self._draft_after_slide(cache, r)
+                    pos[r] = len(self.seqs[r]) - 1
+            length = max(min(len(s) + 1, self.block) for s in self.seqs)
             seen = self.seen
             draft, q = self._choose(draft_logits, seen)
-            last = torch.tensor([s[-1] for s in self.seqs], device=self.device)
-            # position of t_{n-1} (a finished row may sit at the very end: keep its writes in range)
-            n1 = torch.tensor([min(len(s) - 1, self.block - 2) for s in self.seqs], device=self.device)
-            idx = torch.stack([last, draft], dim=1)  # [B, 2]
-            pos = torch.stack([n1, n1 + 1], dim=1)
-            out = model(idx, cache=cache, pos=pos)
+            # Verify: the main model on [t_{n-1}, d] at [n-1, n] gives p(t_n) and p(t_{n+1} | d).
+            step = CacheStep.build(torch.stack([pos, pos + 1], dim=1), length)
+            out = model(torch.stack([tok, draft], dim=1), cache=cache, pos=step.pos, length=length)
             logits = self._logits(out.logits)  # [B, 2, V]
             seen2 = None
             if seen is not None:
                 seen2 = seen.clone()
                 seen2[rows, draft] = True
             if greedy:
-                target, _ = self._choose(logits[:, 0], seen)
-                accepted = target == draft
-                first = target
+                first, _ = self._choose(logits[:, 0], seen)
+                accepted = first == draft
             else:
-                p = probabilities(logits[:, 0], self.sampling, seen)
-                accepted, first = speculative_accept(p, q, draft, self.gen)
+                accepted, first = speculative_accept(probabilities(logits[:, 0], self.sampling, seen), q, draft, self.gen)
             bonus, _ = self._choose(logits[:, 1], seen2)
-            acc, first_l, bonus_l = accepted.tolist(), first.tolist(), bonus.tolist()
+            # MTP on both positions, (h_{n-1}, t_n) and (h_n, t_{n+1}), in the same step: the next
+            # draft comes from the last confirmed one, position n if accepted, else n-1. A rejected
+            # row's MTP latent at n (from a wrong h_n) is rewritten by its next step, as the main one.
+            h = model.mtp_hidden(out.hidden, torch.stack([first, bonus], dim=1), cache, step)  # [B, 2, D]
+            draft_logits = self._logits(model.head(model.mtp[0].norm(h[rows, accepted.long()])))
+            tok = torch.where(accepted, bonus, first)
+            pos = (pos + 1 + accepted).clamp_(max=self.block - 2)  # finished rows stay in range
+            acc, first_l, bonus_l = torch.stack([accepted, first, bonus]).tolist()
             active = [not d for d in self.done]
             self.stats.drafted += sum(active)
             self.stats.accepted += sum(a and b for a, b in zip(acc, active))
             yield self._accept([[f, b] if a else [f] for a, f, b in zip(acc, first_l, bonus_l)])
-            # MTP on the confirmed positions: (h_{n-1}, t_n) and, if accepted, (h_n, t_{n+1}).
-            # A rejected row repeats its single pair so the batch stays rectangular.
-            second = torch.where(accepted, 1, 0)
-            h = torch.stack([out.hidden[:, 0], out.hidden[rows, second]], dim=1)  # [B, 2, D]
-            nxt = torch.stack([first, torch.where(accepted, bonus, first)], dim=1)
-            mpos = torch.stack([n1, n1 + second], dim=1)
-            draft_logits, _ = model.mtp_step(h, nxt, cache, mpos, last_only=True)
-            draft_logits = self._logits(draft_logits[:, -1])

@@ -8,7 +8,7 @@ from importlib import import_module
 
 from .config import PRESETS, ModelConfig, get_preset, pad_vocab
 
-_LAZY = {"KVCache": ".mha", "LatentCache": ".mla", "ModelOutput": ".transformer", "Transformer": ".transformer"}
+_LAZY = {"CacheStep": ".mla", "KVCache": ".mha", "LatentCache": ".mla", "ModelOutput": ".transformer", "Transformer": ".transformer"}
 
 __all__ = ["PRESETS", "ModelConfig", "get_preset", "pad_vocab", *_LAZY]
 

@@ -7,8 +7,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .mha import MHA
-from .mla import MLA
-from .moe import MLP, MoE
+from .mla import MLA, CacheStep
+from .moe import DECODE_MAX_TOKENS, MLP, MoE, moe_decode
 from .norm import RMSNorm
 
 
@@ -22,10 +22,13 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [B, S, D] -> (x [B, S, D], this block's balance loss or None)."""
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, pos))
-        h = self.ffn(self.ffn_norm(x))
+                cache=None, step: CacheStep | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, S, D] -> (x [B, S, D], this block's balance loss or None). `cache`: this layer's
+        part of the cache (`cache.layer(i)`) and `step` where x's tokens sit in it (see MLA.forward)."""
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, step))
+        if cache is not None and isinstance(self.ffn, MoE) and x.shape[0] * x.shape[1] <= DECODE_MAX_TOKENS:
+            h = moe_decode(self.ffn, self.ffn_norm(x))
+        else:
+            h = self.ffn(self.ffn_norm(x))
         h, aux = h if isinstance(h, tuple) else (h, None)
         return x + self.dropout(h), aux

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .mla import apply_rope
+from .mla import CacheStep, apply_rope
 
 
 class KVCache:
@@ -77,26 +77,29 @@ class MHA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
+                step: CacheStep | None = None) -> torch.Tensor:
         """x: [B, S, D]; cos/sin: [B or 1, S, d_r/2] for the positions of x.
 
         Without a cache: causal self-attention over x. With `cache` = (k [B, T, H, d_n + d_r],
-        v [B, T, H, d_v]) of this layer and `pos` [B, S]: the new keys and values are written at
-        `pos` and each token attends to every cached position <= its own.
+        v [B, T, H, d_v]) of this layer and `step` (where the tokens sit, see MLA.forward): the new
+        keys and values are written at their positions; a fresh prefill attends causally among its
+        own tokens, a decode step to every cached position <= its own.
         """
-        B, S, _ = x.shape
+        S = x.shape[1]
         q, k = self._rotate(self.wq(x), cos, sin), self._rotate(self.wk(x), cos, sin)  # [B, S, H, d_n + d_r]
         v = self.wv(x).unflatten(-1, (self.n_head, self.d_v))  # [B, S, H, d_v]
         mask = None  # None: causal over x itself
         if cache is not None:
             k_cache, v_cache = cache
-            rows = torch.arange(B, device=pos.device).unsqueeze(1)  # [B, 1]
-            k_cache[rows, pos] = k.to(k_cache.dtype)
-            v_cache[rows, pos] = v.to(v_cache.dtype)
-            if not (S > 1 and torch.equal(pos, torch.arange(S, device=pos.device).expand(B, S))):
-                T = int(pos.max()) + 1  # a fresh prefill (above) sees only its own tokens: plain causal
+            if step.pos is None:
+                k_cache[:, :S], v_cache[:, :S] = k, v
+            else:
+                index = step.pos[..., None, None]  # [B, S, 1, 1]
+                k_cache.scatter_(1, index.expand_as(k), k.to(k_cache.dtype))
+                v_cache.scatter_(1, index.expand_as(v), v.to(v_cache.dtype))
+                T = step.bias.shape[-1]
                 k, v = k_cache[:, :T].to(q.dtype), v_cache[:, :T].to(q.dtype)
-                mask = (torch.arange(T, device=pos.device) <= pos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, T]
+                mask = step.bias.transpose(1, 2).to(q.dtype)  # [B, 1, S, T]
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
             scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,

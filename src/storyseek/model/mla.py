@@ -18,6 +18,7 @@ applied after the attention-weighted sum of latents ("absorbed" form, DeepSeek-V
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,36 +46,80 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+@dataclass
+class CacheStep:
+    """Where the tokens of one cached forward sit, built once per forward and shared by every layer.
+
+    pos:  [B, S] absolute position of each new token (rows are independent sequences), or None for
+          a fresh prefill: the tokens sit at 0..S-1 of every row and see exactly each other.
+    bias: [B, S, 1, T] additive mask over the first T cache positions: 0 where position t <= pos,
+          -inf after. T (the attended length) is the caller's choice: anything > pos.max() is exact.
+    """
+
+    pos: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, pos: torch.Tensor | None, length: int | None = None) -> "CacheStep":
+        """Tokens at `pos` attending to the first `length` positions (default pos.max() + 1, which
+        reads pos back to the host once; decoders know it and pass it)."""
+        if pos is None:
+            return cls()
+        length = int(pos.max()) + 1 if length is None else length
+        visible = torch.arange(length, device=pos.device) <= pos.unsqueeze(-1)  # [B, S, T]
+        bias = torch.zeros(visible.shape, device=pos.device).masked_fill_(~visible, float("-inf"))
+        return cls(pos, bias.unsqueeze(2))
+
+
 class LatentCache:
     """Per-layer compressed KV latents and rotary keys, preallocated for `max_len` positions.
 
-    kv: [n_layers, batch, max_len, kv_lora_rank] (already kv_norm'ed)
-    pe: [n_layers, batch, max_len, qk_rope_head_dim] (already rotated)
+    latent: [n_layers, batch, max_len, kv_lora_rank + qk_rope_head_dim], one tensor so a decode step
+            writes each layer once and scores [q_lat ; q_r] . [c ; k_r] in one matmul;
+    kv, pe: views of it, [..., :kv_lora_rank] (already kv_norm'ed) and [..., kv_lora_rank:] (rotated).
     Writes go to explicit positions, so rolling back (a rejected speculative draft) needs no copy:
-    the next write simply overwrites, and attention only reads positions <= the query's own.
+    the next write simply overwrites, and attention only reads positions <= the query's own. Rows
+    are independent sequences: a server can keep one cache of `batch` slots, prefill a new request
+    into a free slot through `narrow(slot)` while the other rows decode at their own positions, and
+    a finished row needs no cleanup (its slot is overwritten by the next prefill).
     """
 
     def __init__(self, n_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.max_len = max_len
-        self.kv = torch.zeros(n_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device)
-        self.pe = torch.zeros(n_layers, batch, max_len, rope_dim, dtype=dtype, device=device)
+        self.latent = torch.zeros(n_layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        self.kv_lora_rank = kv_lora_rank
+
+    @property
+    def kv(self) -> torch.Tensor:
+        return self.latent[..., : self.kv_lora_rank]
+
+    @property
+    def pe(self) -> torch.Tensor:
+        return self.latent[..., self.kv_lora_rank :]
+
+    @property
+    def batch(self) -> int:
+        return self.latent.shape[1]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[i], self.pe[i]
 
     def narrow(self, row: int, n: int = 1) -> "LatentCache":
-        """A view of rows [row, row + n): writes through it land in this cache (re-prefilling one
-        sequence of a batch, e.g. when its window slides past the context)."""
+        """A view of rows [row, row + n): writes through it land in this cache (prefilling one
+        slot of a batch: a request joining, or a sequence whose window slides past the context)."""
         view = copy.copy(self)
-        view.kv, view.pe = self.kv[:, row : row + n], self.pe[:, row : row + n]
+        view.latent = self.latent[:, row : row + n]
         return view
+
+    def layer(self, i: int) -> torch.Tensor:
+        """Layer i's latents [batch, max_len, d_c + d_r]: what its attention reads and writes."""
+        return self.latent[i]
 
     def nbytes_per_token(self) -> int:
         """Bytes one sequence position occupies across all layers."""
-        n_layers = self.kv.shape[0]
-        per_layer = (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
-        return n_layers * per_layer
+        n_layers, width = self.latent.shape[0], self.latent.shape[-1]
+        return n_layers * width * self.latent.element_size()
 
 
 class MLA(nn.Module):
@@ -102,15 +147,14 @@ class MLA(nn.Module):
         return q.unflatten(-1, (self.n_head, self.d_n + self.d_r))  # [B, S, H, d_n + d_r]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
+                cache: torch.Tensor | None = None, step: CacheStep | None = None) -> torch.Tensor:
         """x: [B, S, D]; cos/sin: [B or 1, S, d_r/2] for the positions of x.
 
-        Without a cache: causal self-attention over x. With `cache` = (kv [B, T, d_c], pe [B, T, d_r])
-        of this layer and `pos` [B, S] the absolute position of each new token: the new latents are
-        written at `pos` and each token attends to every cached position <= its own.
+        Without a cache: causal self-attention over x. With `cache` = this layer's latents
+        [B, max_len, d_c + d_r] and `step` (where the tokens sit): the new latents are written at
+        their positions, then a fresh prefill attends causally among its own tokens and a decode
+        step attends to every cached position <= its own.
         """
-        B, S, _ = x.shape
         q_nope, q_pe = self._query(x).split([self.d_n, self.d_r], dim=-1)
         q_pe = apply_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))  # [B, S, H, d_r]
         c, k_pe = self.wkv_a(x).split([self.d_c, self.d_r], dim=-1)
@@ -118,15 +162,14 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin)  # [B, S, d_r]
         if cache is None:
             return self._attend_expanded(q_nope, q_pe, c, k_pe)
-        kv_cache, pe_cache = cache  # [B, T, d_c], [B, T, d_r]
-        rows = torch.arange(B, device=pos.device).unsqueeze(1)  # [B, 1]
-        kv_cache[rows, pos] = c.to(kv_cache.dtype)
-        pe_cache[rows, pos] = k_pe.to(pe_cache.dtype)
-        if S > 1 and torch.equal(pos, torch.arange(S, device=pos.device).expand(B, S)):
+        new = torch.cat([c, k_pe], dim=-1).to(cache.dtype)  # [B, S, d_c + d_r]
+        if step.pos is None:
             # A fresh prefill sees exactly its own tokens: the expanded causal form (flash attention
             # on GPUs) beats materializing [S, S] latent scores.
+            cache[:, : x.shape[1]] = new
             return self._attend_expanded(q_nope, q_pe, c, k_pe)
-        return self._attend_latent(q_nope, q_pe, kv_cache, pe_cache, pos)
+        cache.scatter_(1, step.pos.unsqueeze(-1).expand_as(new), new)
+        return self._attend_latent(q_nope, q_pe, cache[:, : step.bias.shape[-1]], step.bias)
 
     def _attend_expanded(self, q_nope, q_pe, c, k_pe) -> torch.Tensor:
         B, S, H, _ = q_nope.shape
@@ -139,17 +182,16 @@ class MLA(nn.Module):
         )  # [B, H, S, d_v]
         return self.wo(y.transpose(1, 2).flatten(2))
 
-    def _attend_latent(self, q_nope, q_pe, kv_cache, pe_cache, pos) -> torch.Tensor:
-        T = int(pos.max()) + 1  # only positions up to the furthest query can be attended
-        kv, pe = kv_cache[:, :T], pe_cache[:, :T]
-        w = self.wkv_b.weight.view(self.n_head, self.d_n + self.d_v, self.d_c)
+    def _attend_latent(self, q_nope, q_pe, latent, bias) -> torch.Tensor:
+        """q_nope [B, S, H, d_n], q_pe [B, S, H, d_r]; latent [B, T, d_c + d_r]; bias [B, S, 1, T]."""
+        B, S, H, _ = q_nope.shape
+        w = self.wkv_b.weight.view(H, self.d_n + self.d_v, self.d_c)
         w_uk, w_uv = w[:, : self.d_n], w[:, self.d_n :]  # [H, d_n, d_c], [H, d_v, d_c]
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk.to(q_nope.dtype))  # [B, S, H, d_c]
-        scores = (torch.einsum("bshc,btc->bsht", q_lat, kv.to(q_lat.dtype))
-                  + torch.einsum("bshr,btr->bsht", q_pe, pe.to(q_pe.dtype))) * self.softmax_scale
-        visible = torch.arange(T, device=pos.device) <= pos.unsqueeze(-1)  # [B, S, T]
-        scores = scores.masked_fill(~visible.unsqueeze(2), float("-inf"))
-        probs = scores.float().softmax(dim=-1).type_as(q_lat)  # [B, S, H, T]
-        o_lat = torch.einsum("bsht,btc->bshc", probs, kv.to(probs.dtype))  # [B, S, H, d_c]
-        o = torch.einsum("bshc,hdc->bshd", o_lat, w_uv.to(o_lat.dtype))  # [B, S, H, d_v]
-        return self.wo(o.flatten(2))
+        q_lat = q_nope.reshape(B * S, H, self.d_n).transpose(0, 1) @ w_uk.to(q_nope.dtype)  # [H, B*S, d_c]
+        q = torch.cat([q_lat.transpose(0, 1).reshape(B, S * H, self.d_c), q_pe.reshape(B, S * H, self.d_r)], dim=-1)
+        latent = latent.to(q.dtype)
+        scores = (q * self.softmax_scale) @ latent.transpose(1, 2)  # [B, S*H, T]
+        probs = (scores.view(B, S, H, -1).float() + bias).softmax(dim=-1).type_as(q)  # [B, S, H, T]
+        o_lat = probs.view(B, S * H, -1) @ latent[..., : self.d_c]  # [B, S*H, d_c]
+        o = o_lat.view(B * S, H, self.d_c).transpose(0, 1) @ w_uv.transpose(1, 2).to(q.dtype)  # [H, B*S, d_v]
+        return self.wo(o.transpose(0, 1).reshape(B, S, H * self.d_v))

@@ -118,3 +118,32 @@ class MoE(nn.Module):
         """
         self.gate.bias += self.bias_update_speed * torch.sign(load.mean() - load).to(self.gate.bias.dtype)
         self.load.zero_()
+
+
+DECODE_MAX_TOKENS = 16  # cached forwards of at most this many tokens (decode steps, verifies) use moe_decode
+
+
+def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The same function as MoE.forward for the few tokens of a decode step (inference, no balance
+    loss): x [B, S, D] -> [B, S, D], without sorting tokens by expert.
+
+    With fewer (token, expert) pairs than experts (one token, top-k < E) on a CPU, only the chosen
+    experts run: reading the indices on the host costs nothing there (no queue to drain). Otherwise
+    every expert runs on every token, weighted by the gate matrix G [N, E] (zero where not chosen):
+    with N*k >= E nearly every expert is chosen by some token, so the same weights are read, and
+    there is no host round-trip (a GPU keeps its queue full and the step can be graph-captured).
+    """
+    B, S, D = x.shape
+    flat = x.reshape(-1, D)  # [N, D]
+    weights, indices, _ = moe.gate(flat)  # [N, k] each
+    out = moe.shared_experts(flat) if moe.shared_experts is not None else torch.zeros_like(flat)
+    if flat.device.type == "cpu" and flat.shape[0] * moe.topk < moe.n_experts and not torch.compiler.is_compiling():
+        for t, (chosen, gates) in enumerate(zip(indices.tolist(), weights.tolist())):
+            for e, g in zip(chosen, gates):
+                out[t] += moe.experts[e](flat[t]) * g
+    else:
+        gate = torch.zeros(flat.shape[0], moe.n_experts, dtype=flat.dtype, device=flat.device)
+        gate.scatter_(1, indices, weights.to(flat.dtype))  # [N, E]
+        for e, expert in enumerate(moe.experts):
+            out = out + expert(flat) * gate[:, e : e + 1]
+    return out.view(B, S, D)

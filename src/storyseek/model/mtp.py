@@ -31,7 +31,7 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)  # transformers: shared_head.norm
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache=None, pos=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache=None, step=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h_prev, emb_next: [B, S, D] -> (h_k [B, S, D] before norm_k, balance loss or None)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.block(x, cos, sin, cache, pos)
+        return self.block(x, cos, sin, cache, step)

@@ -2,8 +2,17 @@
 
     logits, losses = model(idx, targets)          training / evaluation (causal, flash attention)
     cache = model.new_cache(batch, max_len)       incremental decoding on the latent (MHA: key/value) cache:
-    out = model(idx, cache=cache, pos=pos)        tokens idx [B, S] at absolute positions pos [B, S]
+    out = model(idx, cache=cache)                 a fresh prefill: idx [B, S] at positions 0..S-1
+    out = model(idx, cache=cache, pos=pos, length=T)  tokens idx [B, S] at absolute positions pos [B, S],
+                                                  attending to cache positions < T (T > pos.max())
     logits, h = model.mtp_step(...)               MTP drafts for self-speculative decoding
+
+Serving many requests from one cache (continuous batching): every cache row is an independent
+sequence. A request joins by a fresh prefill of its slot, `model(prompt[None], cache=cache.narrow(slot),
+last_only=True)`; then one step decodes every slot at its own position, `model(tok[:, None],
+cache=cache, pos=pos[:, None], length=int(pos.max()) + 1)` (a free slot can be fed any token at
+position 0: it is rewritten when the next request prefills it); a finished request just leaves its
+slot. The caller knows the positions, so it passes `length` and the step never reads them back.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from torch import nn
 from .block import Block
 from .config import ModelConfig
 from .mha import KVCache
-from .mla import LatentCache, rope_tables
+from .mla import CacheStep, LatentCache, rope_tables
 from .moe import Gate, MoE
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -65,26 +74,25 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: LatentCache | None = None, pos: torch.Tensor | None = None,
+                cache: LatentCache | KVCache | None = None, pos: torch.Tensor | None = None, length: int | None = None,
                 last_only: bool = False) -> ModelOutput:
         """idx: [B, S] token ids. targets: [B, S] the ids that follow (-1 = ignore), for the losses.
 
-        With `cache` and `pos` ([B, S] absolute positions), decode incrementally on the latent cache.
+        With `cache`, decode incrementally on the latent cache: without `pos`, a fresh prefill of
+        every row at positions 0..S-1; with `pos` [B, S] (absolute positions, any per row), each
+        token attends to the cached positions <= its own among the first `length` (default
+        pos.max() + 1; a decoder knows it, and passing it saves reading pos back from the device).
         `last_only` (inference): logits for the last position only, [B, 1, vocab]; a prefill then
         skips S-1 rows of the vocab-sized head (hidden stays [B, S, D] for MTP).
         MTP runs only with targets (it needs the future tokens' embeddings); inference pays nothing.
         """
         B, S = idx.shape
-        if cache is None:
-            if S > self.cfg.block_size:
-                raise ValueError(f"sequence of {S} tokens exceeds block_size {self.cfg.block_size}")
-            cos, sin = self.rope_cos[:S].unsqueeze(0), self.rope_sin[:S].unsqueeze(0)  # [1, S, d_r/2]
-        else:
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, S, d_r/2]
+        cos, sin = self._rope(S, pos)
+        step = None if cache is None else CacheStep.build(pos, length)
         x = self.dropout(self.embed(idx))
         balance = []
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, cos, sin, self._layer_cache(cache, i), pos)
+            x, aux = layer(x, cos, sin, self._layer_cache(cache, i), step)
             if aux is not None:
                 balance.append(aux)
         h = self.norm(x)
@@ -129,16 +137,32 @@ class Transformer(nn.Module):
         return LatentCache(cfg.n_layer + cfg.mtp_depth, batch, max_len or cfg.block_size, cfg.kv_lora_rank,
                            cfg.qk_rope_head_dim, dtype=dtype or self.embed.weight.dtype, device=self.embed.weight.device)
 
-    def mtp_step(self, h_prev: torch.Tensor, next_idx: torch.Tensor, cache: LatentCache, pos: torch.Tensor,
-                 depth: int = 1, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_step(self, h_prev: torch.Tensor, next_idx: torch.Tensor, cache: LatentCache | KVCache, pos: torch.Tensor | None = None,
+                 depth: int = 1, last_only: bool = False, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP depth on the cache: h_prev [B, S, D] (main final-norm hidden, or depth-1's h) at
-        positions pos [B, S], and next_idx [B, S] the tokens at pos + depth.
+        positions pos [B, S] (None: a fresh prefill at 0..S-1; `length` as in forward), and next_idx
+        [B, S] the tokens at pos + depth.
         Returns (logits [B, S, vocab] for the tokens at pos + depth + 1, h_depth [B, S, D]);
         `last_only`: logits [B, 1, vocab] for the last position only (a speculative draft)."""
-        module = self.mtp[depth - 1]
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-        h, _ = module(h_prev, self.embed(next_idx), cos, sin, self._layer_cache(cache, self.cfg.n_layer + depth - 1), pos)
-        return self.head(module.norm(h[:, -1:] if last_only else h)), h
+        h = self.mtp_hidden(h_prev, next_idx, cache, CacheStep.build(pos, length), depth)
+        return self.head(self.mtp[depth - 1].norm(h[:, -1:] if last_only else h)), h
+
+    def mtp_hidden(self, h_prev: torch.Tensor, next_idx: torch.Tensor, cache: LatentCache | KVCache, step: CacheStep,
+                   depth: int = 1) -> torch.Tensor:
+        """mtp_step before norm and head: h_depth [B, S, D] (a speculative step picks one row per
+        sequence before paying for the vocab-sized head)."""
+        cos, sin = self._rope(h_prev.shape[1], step.pos)
+        h, _ = self.mtp[depth - 1](h_prev, self.embed(next_idx), cos, sin,
+                                   self._layer_cache(cache, self.cfg.n_layer + depth - 1), step)
+        return h
+
+    def _rope(self, S: int, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [1, S, d_r/2] for positions 0..S-1, or [B, S, d_r/2] for explicit positions."""
+        if pos is not None:
+            return self.rope_cos[pos], self.rope_sin[pos]
+        if S > self.cfg.block_size:
+            raise ValueError(f"sequence of {S} tokens exceeds block_size {self.cfg.block_size}")
+        return self.rope_cos[:S].unsqueeze(0), self.rope_sin[:S].unsqueeze(0)
 
     @staticmethod
     def _layer_cache(cache: LatentCache | KVCache | None, i: int):
