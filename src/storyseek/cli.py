@@ -209,6 +209,32 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_serve(sub) -> None:
+    from .serve.config import ServeConfig
+
+    p = sub.add_parser(
+        "serve", help="the story page and an OpenAI-compatible API over one model (batches concurrent requests)",
+        description="Serve the story page at / and the OpenAI-compatible API at /v1 (completions, chat completions, "
+        "models) and /health. Concurrent requests share one decode batch. Needs the serve extra: "
+        "pip install 'storyseek[serve]'. Stop with Ctrl-C or SIGTERM.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--model", required=True, metavar="PATH", help="checkpoint file (e.g. out/best_model.pt) or exported directory")
+    _add_settings(p, ServeConfig)
+
+    def run(args):
+        from .settings import with_env
+
+        try:
+            from .serve.app import serve_command
+        except ImportError as e:
+            raise StoryseekError(f"storyseek serve needs the serve extra ({e.name} is missing): "
+                                 "pip install 'storyseek[serve]'") from None
+        serve_command(ServeConfig(**with_env(ServeConfig, _typed(args), os.environ)))
+
+    p.set_defaults(func=run)
+
+
 def _add_demo(sub) -> None:
     from .demo import DemoConfig
 
@@ -286,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"storyseek {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_info, _add_prepare, _add_train, _add_plot, _add_export, _add_generate, _add_eval, _add_demo):
+    for add in (_add_info, _add_prepare, _add_train, _add_plot, _add_export, _add_generate, _add_eval, _add_serve,
+                _add_demo):
         add(sub)
     return parser
 

@@ -75,30 +75,49 @@ def _prepare(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: 
     return [e for e in encoded for _ in range(cfg.num_samples)]
 
 
+class TextStream:
+    """One row's text while it is decoded: `push(new_ids)` returns the text that became final
+    (rendered as `render` shows it), `finish()` whatever was held back at the end.
+
+    A piece is emitted only once its bytes form complete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer, raw: bool):
+        self.tokenizer, self.raw = tokenizer, raw
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def push(self, new: list[int]) -> str:
+        if not new:
+            return ""
+        self.ids.extend(new)
+        text = render(self.tokenizer, self.ids, self.raw, final=False)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return ""
+        return self._emit(text)
+
+    def finish(self) -> str:
+        return self._emit(render(self.tokenizer, self.ids, self.raw))
+
+    def _emit(self, text: str) -> str:
+        piece = text[self.shown :]
+        self.shown = max(self.shown, len(text))
+        return piece
+
+
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: GenerateConfig | None = None,
            stats: DecodeStats | None = None) -> Iterator[str]:
     """Yield the story as text pieces while it is decoded (first sample only; num_samples is ignored).
 
-    A piece is emitted only once its bytes form complete UTF-8 characters. `stats`, if given, is
-    filled in as decoding goes (tokens/s, acceptance rate)."""
+    `stats`, if given, is filled in as decoding goes (tokens/s, acceptance rate)."""
     cfg = cfg or GenerateConfig()
     (ids,) = _prepare(model, tokenizer, [prompt], cfg)[:1]
-    new: list[int] = []
-    shown = 0
+    text = TextStream(tokenizer, cfg.raw)
     for step in decode(model, [ids], cfg, vocab_size=tokenizer.vocab_size,
                        stop_ids=stop_ids(tokenizer, cfg.raw), stats=stats):
-        if not step[0]:
-            continue
-        new.extend(step[0])
-        text = render(tokenizer, new, cfg.raw, final=False)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-            continue
-        if len(text) > shown:
-            yield text[shown:]
-            shown = len(text)
-    text = render(tokenizer, new, cfg.raw)
-    if len(text) > shown:
-        yield text[shown:]
+        if piece := text.push(step[0]):
+            yield piece
+    if piece := text.finish():
+        yield piece
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[str] | str,

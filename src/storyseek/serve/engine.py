@@ -1,0 +1,190 @@
+"""Continuous batching on one latent cache: rows join and leave a running decode batch.
+
+The cache has `max_batch` slots. The active rows always occupy slots 0..B-1, so one decode step
+is one forward over `cache.narrow(0, B)`: no compute is spent on free slots.
+
+    join:   a new row is prefilled alone into slot B (positions 0..len-1, the expanded-attention
+            prefill) and takes its first token from that prefill; the next step decodes it with the rest.
+    step:   every active row feeds its last token at its own position: idx, pos [B, 1]. Rows sit at
+            independent positions; the latent attention masks each row to positions <= its own.
+    leave:  a finished or cancelled row's slot is refilled with the last row (its latents up to its
+            length are copied over), keeping the active rows contiguous.
+
+State per row, as in generate/decode.py: the row holds tokens t_0..t_{n-1}, the cache holds
+positions 0..n-2 and t_{n-1} is fed by the next step. A row that outgrows the context slides its
+window the way `storyseek generate` does (keep the last 3/4, re-prefill into its own slot).
+
+Each row samples with its own settings and its own random generator, so a seeded request gets the
+same tokens whatever else is in the batch. Text (incremental detokenizing, the story view, stop
+strings) is rendered here too, so the thread that serves HTTP only forwards strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.tokenizer import Tokenizer
+from ..generate.config import SamplingConfig
+from ..generate.sampling import draw, probabilities
+from ..generate.text import TextStream
+from ..model import Transformer
+
+
+@dataclass(eq=False)  # rows are compared by identity: two choices of one request look alike
+class Row:
+    """One sequence being decoded: a choice of a request (n choices are n rows)."""
+
+    prompt: list[int]  # token ids, at most block_size - 1
+    max_tokens: int
+    sampling: SamplingConfig
+    stop_ids: frozenset[int]
+    raw: bool  # text as decoded; False: the story view (what follows <|story|>, the moral on its own line)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # ----- decoding state
+    tokens: list[int] = field(default_factory=list)  # the current window: prompt + new tokens
+    generated: int = 0
+    finish_reason: str | None = None  # "stop" | "length" once finished
+    text_sent: int = 0  # characters of `text` already handed out
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt)
+
+
+@dataclass
+class Output:
+    """What one row produced in one step: text that became final, and whether the row ended."""
+
+    row: Row
+    text: str
+    finish_reason: str | None
+
+
+class Engine:
+    """The decode batch. Not thread-safe: one thread (the scheduler's decode loop) drives it."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.V = tokenizer.vocab_size  # ids >= it are the embedding's padding: never sampled
+        self.block = model.cfg.block_size
+        self.device = model.embed.weight.device
+        self.max_batch = max_batch
+        self.cache = model.new_cache(max_batch)
+        self.rows: list[Row] = []  # rows[i] lives in cache slot i
+        self._streams: dict[int, TextStream] = {}
+        self._generators: dict[int, torch.Generator] = {}
+
+    @property
+    def free(self) -> int:
+        return self.max_batch - len(self.rows)
+
+    # ------------------------------------------------------------------ join/leave
+    def add(self, row: Row) -> Output:
+        """Prefill `row` into the next free slot and choose its first token."""
+        if not self.free:
+            raise RuntimeError("no free slot")
+        if not 0 < len(row.prompt) < self.block:
+            raise ValueError(f"a prompt needs 1..{self.block - 1} tokens, got {len(row.prompt)}")
+        slot = len(self.rows)
+        self.rows.append(row)
+        self._streams[id(row)] = TextStream(self.tokenizer, row.raw)
+        gen = torch.Generator(device=self.device)
+        gen.seed() if row.seed is None else gen.manual_seed(row.seed)
+        self._generators[id(row)] = gen
+        with torch.inference_mode():
+            logits = self._prefill(slot, row.tokens)
+            (out,) = self._advance([row], logits)
+        return out
+
+    def remove(self, row: Row) -> None:
+        """Free the row's slot (finished or cancelled): the last row moves into it."""
+        i, last = self.rows.index(row), len(self.rows) - 1
+        if i != last:
+            n = min(len(self.rows[last].tokens), self.block)
+            self.cache.kv[:, i, :n] = self.cache.kv[:, last, :n]
+            self.cache.pe[:, i, :n] = self.cache.pe[:, last, :n]
+            self.rows[i] = self.rows[last]
+        self.rows.pop()
+        del self._streams[id(row)], self._generators[id(row)]
+
+    # ------------------------------------------------------------------ decoding
+    def step(self) -> list[Output]:
+        """One token for every active row (finished rows must have been removed)."""
+        if not self.rows:
+            return []
+        with torch.inference_mode():
+            for i, row in enumerate(self.rows):
+                if len(row.tokens) > self.block:
+                    self._slide(i, row)
+            B = len(self.rows)
+            idx = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)  # [B, 1]
+            pos = torch.tensor([[len(r.tokens) - 1] for r in self.rows], device=self.device)  # [B, 1]
+            logits = self.model(idx, cache=self.cache.narrow(0, B), pos=pos).logits[:, -1]  # [B, vocab]
+            return self._advance(self.rows, logits)
+
+    def _prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """Feed tokens at positions 0..len-1 into `slot` -> the last position's logits [1, vocab]."""
+        idx = torch.tensor([tokens], device=self.device)
+        pos = torch.arange(len(tokens), device=self.device).unsqueeze(0)
+        return self.model(idx, cache=self.cache.narrow(slot), pos=pos, last_only=True).logits[:, -1]
+
+    def _slide(self, slot: int, row: Row) -> None:
+        """Keep the last 3/4 of the context (as `storyseek generate` does) and re-prefill all but the
+        last token into the row's own slot; the next step feeds the last one."""
+        row.tokens = row.tokens[-(self.block - self.block // 4):]
+        self._prefill(slot, row.tokens[:-1])
+
+    def _advance(self, rows: list[Row], logits: torch.Tensor) -> list[Output]:
+        """logits [B, vocab] of each row's next token -> choose, append, render, apply stops."""
+        tokens = self._choose(rows, logits[:, : self.V].float())
+        outs = []
+        for row, t in zip(rows, tokens):
+            new = []
+            if t in row.stop_ids:
+                row.finish_reason = "stop"
+            else:
+                new = [t]
+                row.tokens.append(t)
+                row.generated += 1
+                if row.generated >= row.max_tokens:
+                    row.finish_reason = "length"
+            outs.append(Output(row, self._render(row, new), row.finish_reason))
+        return outs
+
+    def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        """Greedy rows take the argmax together; sampled rows draw one by one, each from its own
+        generator and with its own temperature / top-p / top-k."""
+        for i, row in enumerate(rows):
+            if row.logit_bias:
+                ids = torch.tensor(list(row.logit_bias), device=self.device)
+                logits[i, ids] += torch.tensor(list(row.logit_bias.values()), device=self.device)
+        chosen = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            if not row.sampling.greedy:
+                probs = probabilities(logits[i : i + 1], row.sampling)
+                chosen[i] = int(draw(probs, self._generators[id(row)]))
+        return chosen
+
+    def _render(self, row: Row, new: list[int]) -> str:
+        """The text that is final after this step: what the tokens spell, cut at a stop string,
+        holding back a tail that could still become the start of one."""
+        stream = self._streams[id(row)]
+        row.text += stream.push(new)
+        if row.finish_reason:
+            row.text += stream.finish()
+        hold = 0
+        if row.stop:
+            start = max(0, row.text_sent - max(map(len, row.stop)) + 1)
+            hits = [i for i in (row.text.find(s, start) for s in row.stop) if i >= 0]
+            if hits:
+                row.text = row.text[: min(hits)]
+                row.finish_reason = "stop"
+            elif not row.finish_reason:
+                hold = max(map(len, row.stop)) - 1
+        end = max(row.text_sent, len(row.text) - hold)
+        piece, row.text_sent = row.text[row.text_sent : end], end
+        return piece

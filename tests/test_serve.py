@@ -1,0 +1,414 @@
+"""`storyseek serve` end to end: a real server on 127.0.0.1 (a subprocess), the official `openai`
+client, raw HTTP for the error cases, concurrent streams, a headless Chromium on the story page.
+
+The model is the tiny preset trained for a few seconds on the builtin corpus (once per session),
+so its stories are short on sense but real: it writes the template's markers and its own words.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
+openai = pytest.importorskip("openai", reason="needs the openai client (the dev extra)")
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from storyseek.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+KEY = "sekret"
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """The tiny preset (2 x 64) trained ~200 steps on 200 builtin stories with a 384-token BPE."""
+    from storyseek.data.prepare import PrepareConfig, prepare
+    from storyseek.train.config import build_train_config
+    from storyseek.train.loop import train
+
+    out = tmp_path_factory.mktemp("serve-model")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = prepare(PrepareConfig(dataset="builtin", tokenizer="bpe:384", max_docs=200, out=str(out / "data"), num_proc=1))
+        train(build_train_config(dict(data=str(data), out=str(out), preset="tiny", n_layer=2, n_embd=64, block_size=64,
+                                      batch_size=8, max_iters=200, learning_rate=1e-2, min_lr=2e-3, warmup_iters=10,
+                                      eval_interval=10**6, eval_iters=1, device="cpu", dtype="float32", seed=1)))
+    finally:
+        torch.set_num_threads(threads)
+    return out / "final_model.pt"
+
+
+class Server:
+    """`storyseek serve --port 0` in a subprocess; the URL is read from its first stderr line."""
+
+    def __init__(self, ckpt: Path, *flags: str):
+        self.ckpt = ckpt
+        self.proc = subprocess.Popen([sys.executable, "-m", "storyseek", "serve", "--model", str(ckpt), "--port", "0",
+                                      *flags], env=ENV, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        first = self.proc.stderr.readline()
+        threading.Thread(target=self._drain, daemon=True).start()
+        m = re.search(r"listening on (http://[\d.]+:\d+)/", first)
+        assert m, f"no URL in {first!r}"
+        self.url = m.group(1)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if httpx.get(self.url + "/health").status_code == 200:
+                return
+            assert self.proc.poll() is None, self.stderr
+            time.sleep(0.1)
+        raise AssertionError("the model did not load in 120 s")
+
+    @property
+    def eot_id(self) -> int:
+        from storyseek.generate.load import load_model
+
+        return load_model(self.ckpt, device="cpu")[1].eot_id
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health").json()
+
+    def client(self, key: str = "none", **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(ckpt):
+    s = Server(ckpt, "--max-batch", "16", "--max-tokens", "200", "--max-prompt-chars", "150")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def small(ckpt):
+    """One slot, one waiting request, an API key: for the queue, disconnect and auth tests."""
+    s = Server(ckpt, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "5000", "--api-key", KEY)
+    yield s
+    s.stop()
+
+
+def _generate(ckpt, capsys, prompt: str, *extra) -> str:
+    assert main(["generate", "--model", str(ckpt), "--prompt", prompt, "--no-stream", *map(str, extra)]) == 0
+    return capsys.readouterr().out.removesuffix("\n")
+
+
+# --------------------------------------------------------------------- the openai client
+def test_greedy_stream_equals_whole_equals_generate(server, ckpt, capsys):
+    client = server.client()
+    assert [m.id for m in client.models.list()] == ["storyseek"]
+    prompt = "a brave little mouse"
+    # Chat is story mode: the same prompt template and story view as `storyseek generate`.
+    chat = client.chat.completions.create(model="storyseek", messages=[{"role": "user", "content": prompt}],
+                                          max_tokens=60, temperature=0)
+    text = chat.choices[0].message.content
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="storyseek", messages=[{"role": "user", "content": prompt}], max_tokens=60, temperature=0, stream=True)
+        if c.choices]
+    assert "".join(pieces) == text
+    assert text and text == _generate(ckpt, capsys, prompt, "--max-tokens", 60, "--temperature", 0)
+    assert chat.usage.completion_tokens <= 60 and chat.choices[0].finish_reason in ("stop", "length")
+    # Completions continue the raw text.
+    raw = client.completions.create(model="storyseek", prompt="Once upon a time", max_tokens=40, temperature=0)
+    chunks = list(client.completions.create(model="storyseek", prompt="Once upon a time", max_tokens=40,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == raw.choices[0].text
+    assert chunks[-1].usage.completion_tokens == raw.usage.completion_tokens == 40
+    assert raw.choices[0].text == _generate(ckpt, capsys, "Once upon a time", "--raw", "--max-tokens", 40,
+                                            "--temperature", 0)
+
+
+def test_seeded_sampling_is_reproducible_and_matches_generate(server, ckpt, capsys):
+    client = server.client()
+    ask = dict(model="storyseek", prompt="The little fox", max_tokens=30, temperature=0.8, top_p=0.9, seed=7)
+    a, b = (client.completions.create(**ask).choices[0].text for _ in range(2))
+    assert a == b == _generate(ckpt, capsys, "The little fox", "--raw", "--max-tokens", 30, "--seed", 7,
+                               "--no-speculative")
+    assert client.completions.create(**{**ask, "seed": 8}).choices[0].text != a
+
+
+def test_stop_strings_n_and_echo(server):
+    client = server.client()
+    whole = client.completions.create(model="storyseek", prompt="Once upon a time", max_tokens=40, temperature=0)
+    text = whole.choices[0].text
+    stop = text[10:12]  # two characters the greedy text contains
+    cut = client.completions.create(model="storyseek", prompt="Once upon a time", max_tokens=40, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="storyseek", prompt="Once upon a time", max_tokens=40, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+    two = client.completions.create(model="storyseek", prompt="Once upon a time", max_tokens=10, n=2, seed=3, echo=True)
+    assert [c.index for c in two.choices] == [0, 1] and all(c.text.startswith("Once upon a time") for c in two.choices)
+    assert two.usage.completion_tokens <= 20
+
+
+# --------------------------------------------------------------------- batching
+PROMPTS = ["a brave little mouse", "a shy rabbit", "a clever fox", "a lost kitten"]
+
+
+def test_sixteen_concurrent_streams_each_get_their_own_story(server):
+    client = server.client()
+    asks = [dict(prompt=PROMPTS[i % 4], seed=i) for i in range(16)]
+
+    def story(ask, stream):
+        kw = dict(model="storyseek", messages=[{"role": "user", "content": ask["prompt"]}], max_tokens=60,
+                  temperature=0.8, seed=ask["seed"])
+        if not stream:
+            return client.chat.completions.create(**kw).choices[0].message.content
+        chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+        tokens.append(chunks[-1].usage.completion_tokens)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    tokens = []
+    alone = [story(a, stream=False) for a in asks]  # one at a time
+    steps = server.health()["steps"]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda a: story(a, stream=True), asks))
+    # A seeded request gets the same story whatever else shares its batch: nothing leaks between rows.
+    assert together == alone
+    assert len(set(together)) > 8  # and they are different stories
+    # ... and they really were decoded together: far fewer decode steps than tokens.
+    assert server.health()["steps"] - steps < 0.5 * sum(tokens)
+
+
+def _long_stream(server, key: str | None = KEY):
+    """A raw completion that never ends on its own (the end-of-text token banned) until max_tokens."""
+    body = {"prompt": "Once", "max_tokens": 5000, "stream": True, "logit_bias": {str(server.eot_id): -100}}
+    client = httpx.Client(timeout=30)
+    response = client.send(client.build_request("POST", server.url + "/v1/completions", json=body,
+                                                headers={"Authorization": f"Bearer {key}"} if key else {}), stream=True)
+    assert response.status_code == 200, response.read()
+    response.lines = response.iter_lines()  # kept: a dropped iterator would close the stream
+    assert next(line for line in response.lines if line.startswith("data:"))
+    return client, response
+
+
+def _wait(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_disconnect_frees_the_slot(small):
+    steps = small.health()["steps"]
+    client, response = _long_stream(small)
+    assert small.health()["active"] == 1, (small.health(), small.stderr)
+    response.close()
+    client.close()
+    assert _wait(lambda: small.health()["active"] == 0)
+    assert small.health()["steps"] - steps < 4000  # it stopped long before its 5000 tokens
+    # The slot serves the next request.
+    out = small.client(KEY).completions.create(model="storyseek", prompt="Once", max_tokens=5, temperature=0)
+    assert out.usage.completion_tokens >= 1
+
+
+def test_queue_limit_answers_429(small):
+    first = _long_stream(small)  # holds the only slot
+    waiting = threading.Thread(target=lambda: small.client(KEY).completions.create(
+        model="storyseek", prompt="Once", max_tokens=3, timeout=60), daemon=True)
+    waiting.start()  # fills the queue of one
+    assert _wait(lambda: small.health()["queued"] == 1)
+    r = httpx.post(small.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 3},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+    with pytest.raises(openai.RateLimitError):
+        small.client(KEY).completions.create(model="storyseek", prompt="Once", max_tokens=3)
+    first[1].close()
+    first[0].close()
+    waiting.join(timeout=30)  # the waiting request got the slot and finished
+    assert not waiting.is_alive() and _wait(lambda: small.health()["active"] == 0)
+
+
+# --------------------------------------------------------------------- bad requests
+BAD = [
+    ("post", "/v1/completions", b"{not json", 400, "invalid_json"),
+    ("post", "/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, None),
+    ("post", "/v1/completions", {"prompt": "x", "temperature": -1}, 400, None),
+    ("post", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, None),
+    ("post", "/v1/completions", {"max_tokens": 5}, 400, None),  # no prompt
+    ("post", "/v1/completions", {"prompt": "x", "n": 17}, 400, None),
+    ("post", "/v1/completions", {"prompt": "x", "logprobs": 3}, 400, None),
+    ("post", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model_not_found"),
+    ("post", "/v1/completions", {"prompt": "x" * 151}, 413, "prompt_too_long"),
+    ("post", "/v1/completions", {"prompt": "".join(chr(97 + i * 7 % 26) for i in range(140))}, 413, "context_length_exceeded"),
+    ("post", "/v1/completions", {"prompt": "x" * (2 << 20)}, 413, "request_too_large"),
+    ("post", "/v1/chat/completions", {"messages": []}, 400, None),
+    ("post", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ("post", "/v1/chat/completions", {"messages": [{"role": "system", "content": "hi"}]}, 400, None),
+    ("post", "/v1/nothing", {}, 404, None),
+    ("get", "/v1/completions", None, 405, None),
+    ("get", "/static/../../../etc/passwd", None, 404, None),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status, code", BAD, ids=[f"{b[1]}-{b[3]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_openai_errors(server, method, path, body, status, code):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
+    r = httpx.request(method, server.url + path, headers={"content-type": "application/json"}, **kw)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    if code:
+        assert error["code"] == code
+    if status == 400 and isinstance(body, dict) and body.get("temperature") == -1:
+        assert error["param"] == "temperature"
+
+
+def test_server_keeps_serving_after_bad_requests(server):
+    for method, path, body, _, _ in BAD[:4]:
+        httpx.request(method, server.url + path, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+    out = server.client().completions.create(model="storyseek", prompt="Once", max_tokens=5, temperature=0)
+    assert out.choices[0].text and server.health()["status"] == "ok"
+    assert "Traceback" not in server.stderr
+
+
+def test_api_key(small):
+    with pytest.raises(openai.AuthenticationError):
+        small.client("wrong").models.list()
+    r = httpx.get(small.url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert [m.id for m in small.client(KEY).models.list()] == ["storyseek"]
+    assert httpx.get(small.url + "/health").status_code == 200  # the page and health need no key
+    assert "<title>" in httpx.get(small.url + "/").text
+
+
+def test_loading_answers_503(ckpt):
+    """While the model loads, health and the API say so (503); then they serve."""
+    from starlette.testclient import TestClient
+
+    from storyseek.generate.load import load_model
+    from storyseek.serve.app import ServeConfig, create_app
+
+    gate = threading.Event()
+
+    def slow_load():
+        gate.wait(30)
+        return load_model(ckpt, device="cpu")
+
+    with TestClient(create_app(ServeConfig(model=str(ckpt)), load=slow_load)) as c:
+        assert c.get("/health").status_code == 503 and c.get("/health").json()["status"] == "loading"
+        r = c.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+        gate.set()
+        assert _wait(lambda: c.get("/health").status_code == 200)
+        assert c.post("/v1/completions", json={"prompt": "Once", "max_tokens": 3}).json()["usage"]["completion_tokens"] >= 1
+
+
+# --------------------------------------------------------------------- the command
+def test_sigterm_mid_stream_shuts_down_cleanly(ckpt):
+    s = Server(ckpt, "--max-tokens", "5000")
+    client, response = _long_stream(s, key=None)
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=30) == 0
+    response.close()
+    client.close()
+    assert "storyseek serve: stopped" in s.stderr and "Traceback" not in s.stderr
+
+
+def test_serve_bad_inputs(tmp_path, ckpt, capsys):
+    assert main(["serve", "--model", str(tmp_path / "missing.pt")]) == 1
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert main(["serve", "--model", str(ckpt), "--max-batch", "0"]) == 1
+    assert "--max-batch must be >= 1" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = subprocess.run([sys.executable, "-m", "storyseek", "serve", "--model", str(bad), "--port", "0"],
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "storyseek: error: cannot load" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_port_in_use(server, ckpt, capsys):
+    port = server.url.rsplit(":", 1)[1]
+    assert main(["serve", "--model", str(ckpt), "--port", port]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- the page in a browser
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def test_page_in_headless_chromium(server):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
+    browser, driver_path = _chromium(), shutil.which("chromedriver")
+    if not browser or not driver_path:
+        pytest.skip("no headless browser: apt-get install chromium chromium-driver")
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=420,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        driver.get(server.url + "/")
+        assert driver.find_element(By.TAG_NAME, "h1").text == "Storyseek"
+        # Record every length the story text takes as it streams in.
+        driver.execute_script("""
+            window.lengths = [];
+            new MutationObserver(() => window.lengths.push(document.getElementById('story').textContent.length))
+                .observe(document.getElementById('story'), {childList: true, characterData: true, subtree: true});""")
+        driver.find_element(By.ID, "prompt").send_keys("a brave little mouse")
+        driver.find_element(By.CSS_SELECTOR, "input[value=long]").click()
+
+        def story(button: str) -> list[int]:
+            driver.execute_script("window.lengths = [];")
+            driver.find_element(By.ID, button).click()
+            assert _wait(lambda: driver.find_element(By.ID, "again").is_displayed(), timeout=60)
+            assert driver.find_element(By.ID, "story").text.strip()
+            return [n for n in driver.execute_script("return window.lengths") if n]
+
+        # The story appears and grows while it streams (a story the model ends after a few words
+        # may arrive in one piece: "Another one" until a longer one).
+        seen = [story("go")]
+        while len(set(seen[-1])) < 3 and len(seen) < 6:
+            seen.append(story("again"))
+        assert len(set(seen[-1])) >= 3 and seen[-1] == sorted(seen[-1]), seen
+        # Too long a prompt is explained, not sent.
+        driver.find_element(By.ID, "prompt").send_keys("x" * 200)
+        driver.find_element(By.ID, "go").click()
+        message = driver.find_element(By.ID, "message")
+        assert message.is_displayed() and "too long" in message.text
+    finally:
+        driver.quit()
+
+
+def test_static_files_are_package_data():
+    from storyseek.serve.app import STATIC
+
+    html = (STATIC / "index.html").read_text()
+    assert {"index.html", "app.js", "style.css"} <= {p.name for p in STATIC.iterdir()}
+    assert "http://" not in html and "https://" not in html  # no CDN: the page works offline
