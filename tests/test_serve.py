@@ -204,6 +204,41 @@ def test_stop_strings_n_and_echo(server):
 
 
 # --------------------------------------------------------------------- batching
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, one_thread):
+    """Rows joining a running batch, a middle row leaving (the last one moves into its slot), a row
+    sliding past the context: every row's greedy tokens are the ones `generate` gives it alone."""
+    from storyseek.generate.config import GenerateConfig, SamplingConfig
+    from storyseek.generate.decode import generate_ids
+    from storyseek.generate.load import load_model
+    from storyseek.model import Transformer
+    from storyseek.serve.engine import Engine, Row
+
+    model, tok = load_model(ckpt, device="cpu")
+    if attention == "mha":
+        torch.manual_seed(0)
+        model = Transformer(model.cfg.replace(attention="mha")).eval()
+    greedy = SamplingConfig(temperature=0)
+    asks = [("Once upon a time", 80), ("A shy rabbit", 12), ("The fox", 30), ("A kitten", 25)]  # 80 > context 64
+    rows = [Row(prompt=tok.encode(p), max_tokens=n, sampling=greedy, stop_ids=frozenset(), raw=True) for p, n in asks]
+    alone = [generate_ids(model, [r.prompt], GenerateConfig(max_tokens=r.max_tokens, sampling=greedy, speculative=False),
+                          vocab_size=tok.vocab_size)[0] for r in rows]
+    engine = Engine(model, tok, max_batch=3)
+    waiting = list(rows)
+    for step in range(200):
+        if waiting and engine.free and step % 3 == 0:  # join every third step while a slot is free
+            outs = [engine.add(waiting.pop(0))]
+        else:
+            outs = engine.step()
+        for out in outs:
+            if out.finish_reason:
+                engine.remove(out.row)
+        if not waiting and not engine.rows:
+            break
+    assert [r.text for r in rows] == [tok.decode(a) for a in alone]
+    assert all(r.finish_reason == "length" and r.generated == n for r, (_, n) in zip(rows, asks))
+
+
 PROMPTS = ["a brave little mouse", "a shy rabbit", "a clever fox", "a lost kitten"]
 
 

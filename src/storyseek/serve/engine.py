@@ -105,8 +105,10 @@ class Engine:
         i, last = self.rows.index(row), len(self.rows) - 1
         if i != last:
             n = min(len(self.rows[last].tokens), self.block)
-            self.cache.kv[:, i, :n] = self.cache.kv[:, last, :n]
-            self.cache.pe[:, i, :n] = self.cache.pe[:, last, :n]
+            # Every cache tensor (MLA latents; MHA keys and values) is [layers, slots, positions, ...].
+            for t in vars(self.cache).values():
+                if isinstance(t, torch.Tensor):
+                    t[:, i, :n] = t[:, last, :n]
             self.rows[i] = self.rows[last]
         self.rows.pop()
         del self._streams[id(row)], self._generators[id(row)]
@@ -121,16 +123,17 @@ class Engine:
                 if len(row.tokens) > self.block:
                     self._slide(i, row)
             B = len(self.rows)
+            positions = [len(r.tokens) - 1 for r in self.rows]
             idx = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)  # [B, 1]
-            pos = torch.tensor([[len(r.tokens) - 1] for r in self.rows], device=self.device)  # [B, 1]
-            logits = self.model(idx, cache=self.cache.narrow(0, B), pos=pos).logits[:, -1]  # [B, vocab]
+            pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # [B, 1]
+            logits = self.model(idx, cache=self.cache.narrow(0, B), pos=pos,
+                                length=max(positions) + 1).logits[:, -1]  # [B, vocab]
             return self._advance(self.rows, logits)
 
     def _prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
-        """Feed tokens at positions 0..len-1 into `slot` -> the last position's logits [1, vocab]."""
+        """A fresh prefill: tokens at positions 0..len-1 into `slot` -> the last position's logits [1, vocab]."""
         idx = torch.tensor([tokens], device=self.device)
-        pos = torch.arange(len(tokens), device=self.device).unsqueeze(0)
-        return self.model(idx, cache=self.cache.narrow(slot), pos=pos, last_only=True).logits[:, -1]
+        return self.model(idx, cache=self.cache.narrow(slot), last_only=True).logits[:, -1]
 
     def _slide(self, slot: int, row: Row) -> None:
         """Keep the last 3/4 of the context (as `storyseek generate` does) and re-prefill all but the
