@@ -158,5 +158,5 @@ def test_a_batch_that_cannot_fit_is_refused_with_the_numbers(ckpt, capsys):
     code, out, err = _run(capsys, "--model", ckpt, "--num-samples", 10_000_000, "--max-tokens", 5)
     assert code == 1 and out == ""
     assert re.fullmatch(r"storyseek: error: generating 10,000,000 stories at once \(1 prompts x --num-samples "
-                        r"10000000, a 64-token cache each\) needs about [\d,.]+ GB \(.*latent cache [\d,.]+ GB.*\) "
+                        r"10000000, a 64-token cache each\) needs about [\d,.]+ GB \(.*KV cache [\d,.]+ GB.*\) "
                         r"but only [\d,.]+ GB .*: lower --num-samples or give fewer prompts\n", err), err

@@ -13,8 +13,9 @@ A training step holds, at its peak (the backward pass):
 
 The factors were fitted to measured peaks (fp32, CPU, the tiny preset at T = 256..2048: the estimate
 is 10-20% above the measurement), so the check errs on the side of letting a run start.
-Generation holds the weights, the latent cache (every layer's c_KV and k_R for batch x block_size
-positions) and, during the prefill, one layer's expanded keys and values.
+Generation holds the weights, the cache (every layer's c_KV and k_R for batch x block_size positions;
+with --attention mha every head's key and value) and, during the prefill, one layer's expanded keys
+and values.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def train_step_bytes(cfg: ModelConfig, batch_size: int, block_size: int, device:
     heads = cfg.n_head * (cfg.qk_head_dim + cfg.v_head_dim)
     ffn_dense = cfg.inter_dim
     ffn_moe = (cfg.n_activated_experts + cfg.n_shared_experts) * cfg.moe_inter_dim + cfg.n_routed_experts
-    ffn = (cfg.n_dense_layers * ffn_dense + (blocks - cfg.n_dense_layers) * ffn_moe) / blocks
+    dense = blocks if cfg.ffn == "dense" else cfg.n_dense_layers
+    ffn = (dense * ffn_dense + (blocks - dense) * ffn_moe) / blocks
     per_token_block = 8 * (2 * cfg.n_embd + heads + 2 * cfg.kv_lora_rank + ffn) * activation_bytes
     scores = 0.0
     if device.type != "cuda":
@@ -64,11 +66,13 @@ def train_step_bytes(cfg: ModelConfig, batch_size: int, block_size: int, device:
 
 def generate_bytes(cfg: ModelConfig, batch: int, dtype_bytes: int) -> Estimate:
     """Peak bytes of generating `batch` rows: weights, the latent cache, the widest prefill layer."""
-    cache = (cfg.n_layer + cfg.mtp_depth) * batch * cfg.block_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    # per position and layer, MLA caches c_KV and k_R; standard attention every head's key and value
+    width = cfg.n_head * (cfg.qk_head_dim + cfg.v_head_dim) if cfg.attention == "mha" else cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    cache = (cfg.n_layer + cfg.mtp_depth) * batch * cfg.block_size * width
     expanded = batch * cfg.block_size * (cfg.n_head * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim) + 4 * cfg.n_embd)
     return Estimate({
         "weights": float(count_parameters(cfg)["total"] * dtype_bytes),
-        "latent cache": float(cache * dtype_bytes),
+        "KV cache": float(cache * dtype_bytes),
         "prefill": float(expanded * 4),
     })
 

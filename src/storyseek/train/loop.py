@@ -153,6 +153,7 @@ class Trainer:
         self.lr = cfg.learning_rate  # set by the schedule before every step
         self.t0 = self.t_interval = time.time()  # restarted by run(): the start, and the last evaluation
         self.first_iter, self.iters_interval = self.state.iter_num, 0
+        self.latest_iter: int | None = None  # the iteration latest.pt was last written at by this run
         if d.is_master:
             self._announce(params)
         self.log = MetricsLog(self.out, self.state.iter_num if cfg.resume else None, cfg.tensorboard, cfg.wandb,
@@ -184,7 +185,8 @@ class Trainer:
                     self._loop()
                 except Interrupted:
                     self.stats.check_finite(state.iter_num, self.out)
-                    self.save(LATEST, full=True)
+                    if self.latest_iter != state.iter_num:  # else latest.pt already holds exactly this state
+                        self.save(LATEST, full=True)
                     self.say(f"interrupted at iter {state.iter_num}: saved {self.out / LATEST}; continue with --resume")
                     raise KeyboardInterrupt from None
         finally:
@@ -214,6 +216,8 @@ class Trainer:
             if state.iter_num % cfg.eval_interval == 0 and not state.evaluated:
                 self.evaluate()
                 self.save(LATEST, full=True)
+                if self.stop.any_rank(d):  # a signal during those saves: do not start another one
+                    raise Interrupted
             if cfg.checkpoint_interval and state.iter_num % cfg.checkpoint_interval == 0 and state.iter_num > self.first_iter:
                 self.stats.check_finite(state.iter_num, self.out)
                 self.save(f"ckpt_{state.iter_num}.pt", full=True)
@@ -318,6 +322,8 @@ class Trainer:
             state |= {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
         if self.d.is_master:
             save_checkpoint(self.out / name, state)
+        if name == LATEST:
+            self.latest_iter = self.state.iter_num
 
 
 # --------------------------------------------------------------------------------------- setup helpers
