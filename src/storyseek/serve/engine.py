@@ -159,17 +159,22 @@ class Engine:
         return outs
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
-        """Greedy rows take the argmax together; sampled rows draw one by one, each from its own
-        generator and with its own temperature / top-p / top-k."""
+        """Greedy rows take the argmax together; rows that sample share one `probabilities` per
+        setting (temperature, top-k, top-p) and draw one by one, each from its own generator."""
         for i, row in enumerate(rows):
             if row.logit_bias:
                 ids = torch.tensor(list(row.logit_bias), device=self.device)
                 logits[i, ids] += torch.tensor(list(row.logit_bias.values()), device=self.device)
         chosen = logits.argmax(-1).tolist()
+        groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             if not row.sampling.greedy:
-                probs = probabilities(logits[i : i + 1], row.sampling)
-                chosen[i] = int(draw(probs, self._generators[id(row)]))
+                s = row.sampling
+                groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
+        for members in groups.values():
+            probs = probabilities(logits[members], rows[members[0]].sampling)  # [G, V]
+            for j, i in enumerate(members):
+                chosen[i] = int(draw(probs[j : j + 1], self._generators[id(rows[i])]))
         return chosen
 
     def _render(self, row: Row, new: list[int]) -> str:

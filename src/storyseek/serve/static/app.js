@@ -33,7 +33,8 @@ function render(text, done) {
   $("story").textContent = story;
   $("story").classList.toggle("writing", !done);
   $("moral").hidden = cut < 0;
-  $("moral-text").textContent = cut < 0 ? "" : text.slice(cut + MORAL.length);
+  // The template's moral is one line: a model that rambles on after it does not get the box.
+  $("moral-text").textContent = cut < 0 ? "" : text.slice(cut + MORAL.length).split(/\n|<\|/)[0];
 }
 
 function busy(on) {
