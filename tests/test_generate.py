@@ -4,7 +4,7 @@ options, stops, batching, sliding window, streaming text."""
 import pytest
 import torch
 
-from storyseek.generate.decode import DecodeStats, GenerateConfig, decode, generate_ids
+from storyseek.generate.decode import PROBE_STEPS, DecodeStats, GenerateConfig, _Decoder, decode, generate_ids
 from storyseek.generate.sampling import SamplingConfig, probabilities, speculative_accept
 from storyseek.model import Transformer, get_preset
 
@@ -67,6 +67,30 @@ def test_greedy_identical_and_mtp_drafts_accepted_on_trained_model(trained_model
     stats = out["speculative"][1]
     # A trained MTP module whose cache is kept in sync predicts the token after next well.
     assert stats.acceptance_rate > 0.8, stats
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_auto_probes_both_paths_and_either_choice_keeps_greedy_output(trained_model, monkeypatch, keep):
+    ref = generate_ids(trained_model, [[3, 4, 5], [40]], GenerateConfig(max_tokens=40, sampling=GREEDY, use_cache=False))
+    monkeypatch.setattr(_Decoder, "_keep_speculative", lambda self, probe: keep)
+    stats = DecodeStats()
+    steps = list(decode(trained_model, [[3, 4, 5], [40]], GenerateConfig(max_tokens=40, sampling=GREEDY), stats=stats))
+    assert [sum((s[r] for s in steps), []) for r in range(2)] == ref
+    # The probe alternates a plain step (1 token) and a speculative one (1 or 2), then one path runs.
+    probe = [max(len(t) for t in s) for s in steps[1 : 1 + 2 * PROBE_STEPS]]
+    assert probe[0::2] == [1] * PROBE_STEPS and max(probe[1::2]) == 2
+    after = [max(len(t) for t in s) for s in steps[1 + 2 * PROBE_STEPS : -1]]
+    assert max(after) == (2 if keep else 1)
+
+
+def test_auto_rule_compares_tokens_per_second():
+    decoder = _Decoder.__new__(_Decoder)
+    decoder.stats = DecodeStats()
+    probe = dict(plain=[1.0] * 3, speculative=[1.5, 1.5, 9.0], drafted=10)
+    assert decoder._keep_speculative({**probe, "accepted": 9})  # 1.9 tokens per 1.5 s beats 1 per 1 s
+    assert "speculative" in decoder.stats.auto and "90%" in decoder.stats.auto
+    assert not decoder._keep_speculative({**probe, "accepted": 4})  # 1.4 tokens per 1.5 s
+    assert "chose plain" in decoder.stats.auto
 
 
 def test_speculative_rule_keeps_target_distribution():

@@ -12,13 +12,24 @@ Speculative step (MTP depth 1, DeepSeek-V3 section 2.2 used as a draft model, "s
   and proposed a draft d ~ q for t_n. One main forward on [t_{n-1}, d] at [n-1, n] gives p(t_n)
   and p(t_{n+1} | d). Accept d with probability min(1, p(d)/q(d)) (greedy: iff d = argmax p);
   if accepted also take a bonus token from p(t_{n+1} | d), else resample t_n from norm(max(0, p - q)).
-  Then MTP runs on the newly confirmed positions (n-1, and n if accepted), which both keeps its cache
-  in sync and yields the next draft. A rejected draft's latent at position n is simply overwritten
-  by the next write (the cache is indexed by position), so rollback costs nothing.
+  In the same step, without a host round-trip, MTP runs on both positions, (h_{n-1}, t_n) and
+  (h_n, t_{n+1}), and the head drafts from the last confirmed one only. A rejected draft's latents
+  at position n (main and MTP) are simply overwritten by the next write (the cache is indexed by
+  position), so rollback costs nothing.
+
+Between steps the host holds each row's tokens (for stops, the budget and the sliding window); the
+device holds the next input token and its position. One read-back per step carries the new tokens.
+
+auto (speculative=None, the default for a model with MTP): the first steps alternate plain and
+speculative steps, timed up to their read-back, and decoding keeps the path with more tokens per
+second (a speculative step yields 1 + acceptance tokens). It measures the device, the model and the
+text at hand instead of assuming that drafting pays; DecodeStats.auto says what it chose and why.
+With sampling, a seed reproduces a run only on the same path: pin it with speculative=True/False.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -31,6 +42,9 @@ from .config import GenerateConfig
 from .sampling import draw, probabilities, speculative_accept
 
 
+PROBE_STEPS = 6  # auto: plain and speculative steps each timed before keeping the faster path
+
+
 @dataclass
 class DecodeStats:
     prompt_tokens: int = 0
@@ -40,6 +54,7 @@ class DecodeStats:
     first_token_s: float = 0.0  # prompt in -> first token out
     total_s: float = 0.0
     truncated_prompts: int = 0  # prompts longer than the context (their last tokens were kept)
+    auto: str = ""  # how `speculative=None` (auto) chose between plain and speculative decoding
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -183,8 +198,11 @@ class _Decoder:
         cache = self.model.new_cache(len(self.seqs))
         idx, last = self._pad(self.seqs)
         tok, _ = self._choose(self._last(self.model(idx, cache=cache, last_only=True), last), self.seen)
-        pos = last + 1  # [B]: where each row's unfed last token goes
         yield self._accept([[t] for t in tok.tolist()])
+        yield from self._plain_steps(cache, tok, last + 1)
+
+    def _plain_steps(self, cache: LatentCache, tok: torch.Tensor, pos: torch.Tensor) -> Iterator[list[list[int]]]:
+        """tok [B]: each row's unfed last token, pos [B]: where it goes."""
         while True:
             for r in range(len(self.seqs)):
                 if not self.done[r] and len(self.seqs[r]) > self.block:
@@ -225,12 +243,28 @@ class _Decoder:
         draft_logits = self._logits(model.head(model.mtp[0].norm(h)))  # [B, V]: proposes the token after tok
         pos = last + 1  # [B]: where tok (t_{n-1}, unfed) goes
         yield self._accept([[t] for t in tok.tolist()])
+        # auto: time plain and speculative steps, alternating, then keep the faster path.
+        probe = {"plain": [], "speculative": [], "drafted": 0, "accepted": 0} if self.cfg.speculative is None else None
         while True:
             for r in range(len(self.seqs)):
                 if not self.done[r] and len(self.seqs[r]) + 1 > self.block:  # a verify writes at n-1 and n
                     draft_logits[r] = self._draft_after_slide(cache, r)
                     pos[r] = len(self.seqs[r]) - 1
             length = max(min(len(s) + 1, self.block) for s in self.seqs)
+            active = [not d for d in self.done]
+            started = time.perf_counter()
+            if probe is not None and len(probe["plain"]) <= len(probe["speculative"]):
+                # A plain step, timed up to its read-back; then MTP catches up on (h_{n-1}, t_n) untimed.
+                step = CacheStep.build(pos[:, None], length - 1)
+                out = model(tok[:, None], cache=cache, pos=step.pos, length=length - 1)
+                tok, _ = self._choose(self._logits(out.logits[:, -1]), self.seen)
+                new = [[t] for t in tok.tolist()]
+                probe["plain"].append(time.perf_counter() - started)
+                h = model.mtp_hidden(out.hidden, tok[:, None], cache, step)[:, -1]
+                draft_logits = self._logits(model.head(model.mtp[0].norm(h)))
+                pos = (pos + 1).clamp_(max=self.block - 2)
+                yield self._accept(new)
+                continue
             seen = self.seen
             draft, q = self._choose(draft_logits, seen)
             # Verify: the main model on [t_{n-1}, d] at [n-1, n] gives p(t_n) and p(t_{n+1} | d).
@@ -255,7 +289,26 @@ class _Decoder:
             tok = torch.where(accepted, bonus, first)
             pos = (pos + 1 + accepted).clamp_(max=self.block - 2)  # finished rows stay in range
             acc, first_l, bonus_l = torch.stack([accepted, first, bonus]).tolist()
-            active = [not d for d in self.done]
+            n_acc = sum(a and b for a, b in zip(acc, active))
             self.stats.drafted += sum(active)
-            self.stats.accepted += sum(a and b for a, b in zip(acc, active))
+            self.stats.accepted += n_acc
+            if probe is not None:
+                probe["speculative"].append(time.perf_counter() - started)
+                probe["drafted"] += sum(active)
+                probe["accepted"] += n_acc
             yield self._accept([[f, b] if a else [f] for a, f, b in zip(acc, first_l, bonus_l)])
+            if probe is not None and len(probe["speculative"]) == PROBE_STEPS:
+                if not self._keep_speculative(probe):
+                    yield from self._plain_steps(cache, tok, pos)
+                    return
+                probe = None
+
+    def _keep_speculative(self, probe: dict) -> bool:
+        """auto's choice: tokens per second of each path, a speculative step yielding 1 + acceptance
+        tokens per row. Medians over the probe steps resist a noisy neighbour."""
+        plain_s, spec_s = statistics.median(probe["plain"]), statistics.median(probe["speculative"])
+        acceptance = probe["accepted"] / max(probe["drafted"], 1)
+        keep = (1 + acceptance) / spec_s > 1 / plain_s
+        self.stats.auto = (f"auto chose {'speculative' if keep else 'plain'} decoding: a speculative step "
+                           f"{spec_s * 1000:.1f} ms at {acceptance:.0%} acceptance, a plain step {plain_s * 1000:.1f} ms")
+        return keep

@@ -142,6 +142,8 @@ def summary(stats: DecodeStats) -> str:
             f"first token after {stats.first_token_s * 1000:.0f} ms)")
     if stats.acceptance_rate is not None:
         line += f", MTP draft acceptance {stats.acceptance_rate:.0%} ({stats.accepted}/{stats.drafted})"
+    if stats.auto:
+        line += f"; {stats.auto}"
     return line
 
 
@@ -160,9 +162,11 @@ def generate_command(model_path: str, prompts: list[str], cfg: GenerateConfig, *
         model, tokenizer = load_model(model_path, device=device, dtype=dtype)
         speculative = cfg.use_speculative(model)
         if verbose:
+            path = ("no cache" if not cfg.use_cache else "cache" if not speculative else "cache + MTP speculative"
+                    if cfg.speculative else "cache, MTP speculative where faster (auto)")
             p = next(model.parameters())
             print(f"storyseek: {model_path}: {model.cfg.n_layer} layers x {model.cfg.n_embd}, {tokenizer!r}, "
-                  f"{p.dtype} on {p.device}, {'cache + MTP speculative' if speculative else 'cache' if cfg.use_cache else 'no cache'}",
+                  f"{p.dtype} on {p.device}, {path}",
                   file=sys.stderr)
         single = len(prompts) == 1 and cfg.num_samples == 1
         if stream_output is None:
