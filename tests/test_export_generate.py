@@ -49,6 +49,7 @@ def storyseek_greedy(directory, prompt, speculative):
     return encode_prompt(tok, prompt, raw=False), result.token_ids[0], result.stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_generate_matches_with_and_without_mtp(exported, prompt):
     directory, cfg = exported

@@ -261,6 +261,7 @@ def test_q8_0_and_f16_types_and_values(bpe, tmp_path):
         assert np.abs(w - ref).max() <= np.abs(ref).max() / 100  # q8_0: 1/127 of each block's max
 
 
+@pytest.mark.slow
 def test_gpt2_tokenizer_vocabulary(tmp_path):
     tok = GPT2Tokenizer()
     cfg = get_preset("tiny").replace(vocab_size=pad_vocab(tok.vocab_size), n_layer=2)

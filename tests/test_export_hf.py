@@ -85,6 +85,7 @@ def default_export(tmp_path_factory):
     return model, tok, root / "hf"
 
 
+@pytest.mark.slow
 def test_default_preset_logits_equal_transformers(default_export):
     model, tok, directory = default_export
     idx = torch.randint(0, tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))

@@ -59,6 +59,7 @@ def test_greedy_no_cache_cache_speculative_identical_random_weights(random_model
     assert out["speculative"][1].drafted > 0
 
 
+@pytest.mark.slow
 def test_greedy_identical_and_mtp_drafts_accepted_on_trained_model(trained_model):
     out = _modes(trained_model, [[3, 4, 5], [40]], 40)
     ref = out["no-cache"][0]
@@ -146,6 +147,7 @@ def test_seed_reproduces_and_padded_ids_never_sampled(random_model):
         assert max(max(r) for r in a + c) < 100  # the model has 128 embeddings, the "tokenizer" 100
 
 
+@pytest.mark.slow
 def test_stops_at_end_token_and_rows_stop_independently(trained_model):
     prompts = [[3, 4, 5], [40], [20, 21]]  # counting: row 0 meets 9 after 3 tokens, row 2 after 53
     for name, (rows, _) in _modes(trained_model, prompts, 20, stop_ids={9}).items():

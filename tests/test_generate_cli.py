@@ -124,6 +124,7 @@ def test_bad_model_files(tmp_path, capsys):
         assert code == 1 and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_non_utf8_prompt_bytes_from_the_shell(ckpt):
     proc = subprocess.run([sys.executable, "-m", "storyseek", "generate", "--model", str(ckpt),
                            "--prompt", b"caf\xe9"], capture_output=True, env={"PATH": "", "LC_ALL": "C.UTF-8"})

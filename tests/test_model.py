@@ -58,8 +58,11 @@ def test_changing_a_token_changes_nothing_before_it(variant):
         assert not torch.allclose(la[:, j - k], lb[:, j - k])
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("prompt_len", [1, 7, 48])
+# Every variant once in the fast lane; the one-token prefills (the longest decodes) of all but the
+# default in the slow lane (`pytest -m slow`).
+@pytest.mark.parametrize("prompt_len,variant", [
+    pytest.param(n, v, marks=[pytest.mark.slow] if n == 1 and v != "default-like" else [])
+    for n in (1, 7, 48) for v in VARIANTS])
 def test_latent_cache_decoding_equals_full_forward(variant, prompt_len):
     model = small_model(**VARIANTS[variant])
     T = model.cfg.block_size  # decode all the way to the context limit
@@ -257,6 +260,7 @@ def test_balance_loss_sequence_vs_batch():
     assert torch.allclose(seq, seq_ref) and torch.allclose(batch, batch_ref)
 
 
+@pytest.mark.slow
 def test_tiny_model_with_mtp_overfits_one_batch():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**SMALL, "n_layer": 2, "block_size": 32})).train()

@@ -59,6 +59,7 @@ def test_readme_flag_tables_match_the_cli():
     assert readme_flags_section(README).strip() == flag_tables().strip()
 
 
+@pytest.mark.slow
 def test_demo_block_runs_and_prints_stories(tmp_path):
     block = tagged_block("demo")
     assert block.strip() == "storyseek demo"
@@ -72,6 +73,7 @@ def test_demo_block_runs_and_prints_stories(tmp_path):
     assert "storyseek generate --model demo-run/" in r.stdout  # the commands to continue
 
 
+@pytest.mark.slow
 def test_workflow_block_runs_offline_with_the_builtin_corpus(tmp_path):
     """The README says the workflow works offline with the first command swapped for the builtin
     corpus; run exactly that, with the training sizes shrunk."""

@@ -107,6 +107,7 @@ def test_train_writes_log_console_checkpoints_and_plot(data, tmp_path, capsys):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_loss_falls_on_the_builtin_corpus(data, tmp_path, capsys):
     out = tmp_path / "run"
     rc, _, _ = _train(capsys, data, out, "--max-iters", "150", "--eval-interval", "75", "--eval-iters", "8",
@@ -122,6 +123,7 @@ def test_loss_falls_on_the_builtin_corpus(data, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ resume
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(data, tmp_path, capsys):
     """Dropout on, so the torch RNG matters too; the resumed run starts from ckpt_6.pt."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -142,6 +144,7 @@ def test_resume_reproduces_the_uninterrupted_run(data, tmp_path, capsys):
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_sigint_saves_latest_and_resume_continues(data, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "storyseek", "train", "--data", str(data), "--out", str(out), *TINY,
@@ -227,6 +230,7 @@ sys.exit(rc)
 """
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_on_cpu_keep_identical_weights_and_biases(data, tmp_path):
     out = tmp_path / "run"
     worker = tmp_path / "worker.py"
@@ -333,6 +337,7 @@ def test_dtype_auto_follows_the_hardware(monkeypatch):
 # ---------------------------------------------------------------------------------- failures users hit
 
 
+@pytest.mark.slow
 def test_a_step_that_cannot_fit_is_refused_before_anything_is_allocated_or_written(tmp_path):
     """The issue's `--preset tiny --block-size 100000`: once allocated 24 GB and was killed by the kernel."""
     big_val = tmp_path / "data"
@@ -356,6 +361,7 @@ def test_a_step_that_cannot_fit_is_refused_before_anything_is_allocated_or_writt
     print(f"refused in {float(seconds):.1f} s (issue target: < 10 s on an idle machine)")
 
 
+@pytest.mark.slow
 def test_sigterm_during_evaluation_saves_latest_and_exits_within_seconds(data, tmp_path):
     """Evaluation used to ignore SIGTERM until its eval_iters x 2 batches were done (minutes on the
     default preset); clusters give ~30 s before SIGKILL."""
