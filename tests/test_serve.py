@@ -155,6 +155,7 @@ def _generate(ckpt, capsys, prompt: str, *extra) -> str:
 
 
 # --------------------------------------------------------------------- the openai client
+@pytest.mark.slow  # a real server in a subprocess
 def test_greedy_stream_equals_whole_equals_generate(server, ckpt, capsys):
     client = server.client()
     assert [m.id for m in client.models.list()] == ["storyseek"]
@@ -179,6 +180,7 @@ def test_greedy_stream_equals_whole_equals_generate(server, ckpt, capsys):
                                             "--temperature", 0)
 
 
+@pytest.mark.slow  # a real server in a subprocess
 def test_seeded_sampling_is_reproducible_and_matches_generate(server, ckpt, capsys):
     client = server.client()
     ask = dict(model="storyseek", prompt="The little fox", max_tokens=30, temperature=0.8, top_p=0.9, seed=7)
@@ -188,6 +190,7 @@ def test_seeded_sampling_is_reproducible_and_matches_generate(server, ckpt, caps
     assert client.completions.create(**{**ask, "seed": 8}).choices[0].text != a
 
 
+@pytest.mark.slow  # a real server in a subprocess
 def test_stop_strings_n_and_echo(server):
     client = server.client()
     whole = client.completions.create(model="storyseek", prompt="Once upon a time", max_tokens=40, temperature=0)
@@ -242,6 +245,7 @@ def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, one_thread):
 PROMPTS = ["a brave little mouse", "a shy rabbit", "a clever fox", "a lost kitten"]
 
 
+@pytest.mark.slow  # a real server in a subprocess
 def test_sixteen_concurrent_streams_each_get_their_own_story(server):
     client = server.client()
     asks = [dict(prompt=PROMPTS[i % 4], seed=i) for i in range(16)]
@@ -289,6 +293,7 @@ def _wait(predicate, timeout=20.0):
     return False
 
 
+@pytest.mark.slow  # a real server in a subprocess
 def test_disconnect_frees_the_slot(small):
     steps = small.health()["steps"]
     client, response = _long_stream(small)
@@ -302,6 +307,7 @@ def test_disconnect_frees_the_slot(small):
     assert out.usage.completion_tokens >= 1
 
 
+@pytest.mark.slow  # a real server in a subprocess
 def test_queue_limit_answers_429(small):
     first = _long_stream(small)  # holds the only slot
     waiting = threading.Thread(target=lambda: small.client(KEY).completions.create(
@@ -341,6 +347,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow  # a real server in a subprocess
 @pytest.mark.parametrize("method, path, body, status, code", BAD, ids=[f"{b[1]}-{b[3]}-{i}" for i, b in enumerate(BAD)])
 def test_bad_requests_get_openai_errors(server, method, path, body, status, code):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
@@ -354,6 +361,7 @@ def test_bad_requests_get_openai_errors(server, method, path, body, status, code
         assert error["param"] == "temperature"
 
 
+@pytest.mark.slow  # a real server in a subprocess
 def test_server_keeps_serving_after_bad_requests(server):
     for method, path, body, _, _ in BAD[:4]:
         httpx.request(method, server.url + path, **({"content": body} if isinstance(body, bytes) else {"json": body}))
@@ -362,6 +370,7 @@ def test_server_keeps_serving_after_bad_requests(server):
     assert "Traceback" not in server.stderr
 
 
+@pytest.mark.slow  # a real server in a subprocess
 def test_api_key(small):
     with pytest.raises(openai.AuthenticationError):
         small.client("wrong").models.list()
@@ -395,6 +404,7 @@ def test_loading_answers_503(ckpt):
 
 
 # --------------------------------------------------------------------- the command
+@pytest.mark.slow  # a real server in a subprocess
 def test_sigterm_mid_stream_shuts_down_cleanly(ckpt):
     s = Server(ckpt, "--max-tokens", "5000")
     client, response = _long_stream(s, key=None)
@@ -405,6 +415,7 @@ def test_sigterm_mid_stream_shuts_down_cleanly(ckpt):
     assert "storyseek serve: stopped" in s.stderr and "Traceback" not in s.stderr
 
 
+@pytest.mark.slow  # a real server in a subprocess
 def test_serve_bad_inputs(tmp_path, ckpt, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing.pt")]) == 1
     assert "no such checkpoint" in capsys.readouterr().err
@@ -417,6 +428,7 @@ def test_serve_bad_inputs(tmp_path, ckpt, capsys):
     assert r.returncode == 1 and "storyseek: error: cannot load" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # a real server in a subprocess
 def test_port_in_use(server, ckpt, capsys):
     port = server.url.rsplit(":", 1)[1]
     assert main(["serve", "--model", str(ckpt), "--port", port]) == 1
@@ -431,6 +443,7 @@ def _chromium():
     return None
 
 
+@pytest.mark.slow  # a real server in a subprocess
 def test_page_in_headless_chromium(server):
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
     browser, driver_path = _chromium(), shutil.which("chromedriver")
