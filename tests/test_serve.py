@@ -459,6 +459,11 @@ def test_page_in_headless_chromium(server):
     try:
         driver.get(server.url + "/")
         assert driver.find_element(By.TAG_NAME, "h1").text == "Storyseek"
+        # A slow line (4 kB/s) spreads the tiny model's story over time, as a real model's would be,
+        # whatever the load on this machine: the test sees streaming, not one burst.
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": 4000, "uploadThroughput": 100000})
         # Record the length of every text the page puts into the story box (each render replaces the
         # box's text node, so every added node is one state the reader saw, however callbacks batch).
         driver.execute_script("""

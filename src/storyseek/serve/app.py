@@ -230,6 +230,10 @@ def create_app(cfg: ServeConfig, load: Callable[[], tuple] | None = None):
     return app
 
 
+def _json(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
 async def _events(job: Job) -> list:
     """Wait for the next events, then take every one already queued (a slow reader gets bigger pieces)."""
     events = [await job.events.get()]
@@ -274,25 +278,25 @@ async def _sse(scheduler: Scheduler, job: Job, id_: str, name: str, chat: bool, 
     try:
         for i in range(len(job.rows)):
             if chat:
-                yield {"data": json.dumps(p.chat_chunk(id_, name, i, {"role": "assistant", "content": ""}, None))}
+                yield {"data": _json(p.chat_chunk(id_, name, i, {"role": "assistant", "content": ""}, None))}
             elif prefix[i]:
-                yield {"data": json.dumps(chunk(i, prefix[i], None))}
+                yield {"data": _json(chunk(i, prefix[i], None))}
         left = len(job.rows)
         while left:
             merged: dict[int, list] = {}  # choice -> [text, finish]: one chunk per choice per wake-up
             for ev in await _events(job):
                 if ev.error:
-                    yield {"data": json.dumps(p.error_body(ev.error, "server_error"))}
+                    yield {"data": _json(p.error_body(ev.error, "server_error"))}
                     return
                 m = merged.setdefault(ev.index, ["", None])
                 m[0] += ev.text
                 m[1] = ev.finish_reason
             for index, (text, finish) in merged.items():
-                yield {"data": json.dumps(chunk(index, text, finish))}
+                yield {"data": _json(chunk(index, text, finish))}
                 left -= finish is not None
         if include_usage:
             obj = "chat.completion.chunk" if chat else "text_completion"
-            yield {"data": json.dumps(p.usage_chunk(id_, name, obj, p.usage(job.prompt_tokens, job.completion_tokens)))}
+            yield {"data": _json(p.usage_chunk(id_, name, obj, p.usage(job.prompt_tokens, job.completion_tokens)))}
         yield {"data": "[DONE]"}
     finally:
         scheduler.cancel(job)
