@@ -286,3 +286,37 @@ def test_eval_command_prints_table_and_stories(story_dir, bpe, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "bits/byte" in out and "(val, story)" in out and "story checks (3 stories" in out
     assert "moral present" in out and out.count("--- story ") == 2
+
+
+# ------------------------------------------------------------------------------ training's val_bpb
+def test_training_logs_val_bpb_as_eval_defines_it(story_dir, tmp_path, capsys):
+    """The CSV's val_bpb is the text tokens' nats over ln 2 x their bytes on the evaluation batches:
+    recomputed here from final_model.pt on the same batches."""
+    import csv
+
+    from storyseek.checkpoint import load_checkpoint, model_from_checkpoint
+    from storyseek.data.batches import RandomWindows
+    from storyseek.data.shards import open_tokens
+    from storyseek.data.tokenizer import load_tokenizer
+
+    data, out = story_dir / "d", tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--n-layer", "2", "--block-size",
+                 "32", "--batch-size", "4", "--max-iters", "6", "--eval-interval", "3", "--eval-iters", "3",
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    console = capsys.readouterr().out
+    with open(out / "training_log.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert f"val_bpb {float(last['val_bpb']):.4f}" in console
+    model = model_from_checkpoint(load_checkpoint(out / "final_model.pt")).eval()
+    table = torch.from_numpy(load_tokenizer(data).token_bytes())
+    batches = RandomWindows(open_tokens(data, "val"), 4, 32, torch.device("cpu"), seed=20_000)  # the val batches
+    nats = nbytes = 0.0
+    with torch.no_grad():
+        for _ in range(3):
+            x, y = next(batches)
+            ce = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), reduction="none")
+            b = table[y.flatten()]
+            nats += ce[b > 0].sum().item()
+            nbytes += b.sum().item()
+    assert float(last["val_bpb"]) == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
+    assert (out / "training_metrics.png").stat().st_size > 10_000

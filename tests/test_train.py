@@ -78,7 +78,7 @@ def test_train_writes_log_console_checkpoints_and_plot(data, tmp_path, capsys):
     evals = [l for l in lines if l.startswith("iter ")]
     assert len(evals) == 3  # iters 0, 4, 8
     for line, it in zip(evals, (0, 4, 8)):
-        assert re.fullmatch(rf"iter {it}: train_loss \d+\.\d{{4}}, val_loss \d+\.\d{{4}}, lr \d\.\d\de-\d\d, time \d+\.\d\ds", line)
+        assert re.fullmatch(rf"iter {it}: train_loss \d+\.\d{{4}}, val_loss \d+\.\d{{4}}, val_bpb \d+\.\d{{4}}, lr \d\.\d\de-\d\d, time \d+\.\d\ds", line)
     assert any(re.match(r"RAM: \d+\.\d\d GB \| [\d,]+ tokens/s \| mtp_loss", l) for l in lines)
     assert re.search(r"on cpu, .*(float32|bf16)", lines[0])  # it says which dtype it chose (the CPU decides which)
 

@@ -104,6 +104,8 @@ class Trainer:
         meta = load_meta(cfg.data)
         self.train_data, self.val_data = open_tokens(cfg.data, "train"), open_tokens(cfg.data, "val")
         self.tokenizer = load_tokenizer(cfg.data)
+        # UTF-8 bytes each id spells (0 for the template's special tokens): val_bpb's denominator
+        self.token_bytes = torch.from_numpy(self.tokenizer.token_bytes()).to(self.device)
 
         # ------------------------------------------------- where we start from
         start, self.source = _starting_point(cfg, self.out, self.tokenizer)
@@ -288,6 +290,8 @@ class Trainer:
     def estimate_loss(self) -> dict[str, float]:
         """Mean next-token loss per split over eval_iters batches per rank (the same batches every
         evaluation, so successive numbers compare), averaged over ranks. No MTP: runs compare.
+        Also val_bpb, validation bits per byte as `storyseek eval` defines it (special tokens are
+        context only): nats of the text tokens / (ln 2 x the bytes they spell), comparable across tokenizers.
         A stop signal is checked after every batch (with all ranks, so they leave together)."""
         cfg, d = self.cfg, self.d
         self.raw_model.eval()
@@ -295,15 +299,19 @@ class Trainer:
         try:
             for i, (split, data) in enumerate((("train", self.train_data), ("val", self.val_data))):
                 batches = RandomWindows(data, cfg.batch_size, self.T, self.device, seed=10_000 * (i + 1) + d.rank)
-                total = torch.zeros((), device=self.device)
+                total = torch.zeros(3, dtype=torch.float64, device=self.device)  # sum of mean losses, text nats, bytes
                 for _ in range(cfg.eval_iters):
                     x, y = next(batches)
                     with self.ctx:
                         logits = self.raw_model(x).logits
-                    total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                    nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")  # [B*T]
+                    nbytes = self.token_bytes[y.flatten()]
+                    total += torch.stack([nats.mean(), nats[nbytes > 0].sum(), nbytes.sum()]).double()
                     if self.stop.any_rank(d):
                         raise Interrupted
-                losses[split] = distributed.all_reduce_sum(total, d).item() / (cfg.eval_iters * d.world_size)
+                mean, nats, nbytes = distributed.all_reduce_sum(total, d).tolist()
+                losses[split] = mean / (cfg.eval_iters * d.world_size)
+                losses[f"{split}_bpb"] = nats / (math.log(2) * nbytes) if nbytes else math.nan
         finally:
             self.raw_model.train()
         return losses
@@ -538,10 +546,11 @@ def _report(log: MetricsLog | None, iter_num: int, losses: dict, lr: float, elap
         raise StoryseekError(f"the loss became non-finite (nan/inf) at iter {iter_num}: training diverged; lower "
                              f"--learning-rate or raise --warmup-iters (last good checkpoints kept in {out})")
     row = {"iteration": iter_num, "train_loss": round(losses["train"], 6), "val_loss": round(losses["val"], 6),
+           "val_bpb": round(losses["val_bpb"], 6),
            "learning_rate": lr, "elapsed_time": round(elapsed, 2), "gpu_memory_gb": round(gpu_memory_gb(device), 3),
            "tokens_per_sec": round(tokens_per_sec, 1) if tokens_per_sec else None,
            "mfu": round(mfu, 4) if mfu is not None else None, "ram_gb": round(ram_gb(), 3), **stats.take()}
-    say(console_line(iter_num, losses["train"], losses["val"], lr, elapsed))
+    say(console_line(iter_num, losses["train"], losses["val"], lr, elapsed, losses["val_bpb"]))
     say(detail_line(row, device))
     if log is not None:
         log.log(row)

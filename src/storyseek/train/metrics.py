@@ -2,7 +2,7 @@
 
 Console, per evaluation (the original project's format, then a second line of details):
 
-    iter 1000: train_loss 2.3456, val_loss 2.1234, lr 6.00e-04, time 45.23s
+    iter 1000: train_loss 2.3456, val_loss 2.1234, val_bpb 0.9876, lr 6.00e-04, time 45.23s
     GPU memory: 2.34 GB | 5,432 tokens/s | mtp_loss 2.9876 | balance_loss 0.0002 | max_expert_load 0.31
 """
 
@@ -23,7 +23,7 @@ from ..files import atomic_write
 from ..model import ModelConfig
 
 CSV_COLUMNS = ("iteration", "train_loss", "val_loss", "learning_rate", "elapsed_time", "gpu_memory_gb",
-               "tokens_per_sec", "mtp_loss", "balance_loss", "max_expert_load", "grad_norm", "mfu", "ram_gb")
+               "tokens_per_sec", "mtp_loss", "balance_loss", "max_expert_load", "grad_norm", "mfu", "ram_gb", "val_bpb")
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; fp32 runs are measured against the same peak.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
@@ -63,8 +63,10 @@ def gpu_memory_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
 
 
-def console_line(it: int, train_loss: float, val_loss: float, lr: float, elapsed: float) -> str:
-    return f"iter {it}: train_loss {train_loss:.4f}, val_loss {val_loss:.4f}, lr {lr:.2e}, time {elapsed:.2f}s"
+def console_line(it: int, train_loss: float, val_loss: float, lr: float, elapsed: float,
+                 val_bpb: float | None = None) -> str:
+    bpb = f", val_bpb {val_bpb:.4f}" if val_bpb is not None else ""
+    return f"iter {it}: train_loss {train_loss:.4f}, val_loss {val_loss:.4f}{bpb}, lr {lr:.2e}, time {elapsed:.2f}s"
 
 
 def detail_line(row: dict, device: torch.device) -> str:
@@ -157,7 +159,9 @@ def plot_metrics(csv_path: str | Path, png_path: str | Path | None = None) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("loss", ["train_loss", "val_loss"]), ("learning rate", ["learning_rate"])]
+    panels = [("loss", ["train_loss", "val_loss"])]
+    panels += [("val bits per byte", ["val_bpb"])] * bool(series("val_bpb")[0])
+    panels += [("learning rate", ["learning_rate"])]
     panels += [(k.replace("_", " "), [k]) for k in ("mtp_loss", "balance_loss") if series(k)[0]]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
     for ax, (title, keys) in zip(axes[:, 0], panels):
