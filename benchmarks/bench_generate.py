@@ -6,9 +6,15 @@
 
 Random weights: greedy speed does not depend on what the weights are, but MTP draft acceptance does
 (a random MTP module agrees with the main model by chance only). The speculative rows on random
-weights therefore show the cost of drafting, not its benefit; `trained_mtp` measures acceptance and
-speedup on a small model trained here for a minute on a learnable sequence task (honest, but far
-easier than stories). Every configuration runs `--repeats` times interleaved; medians are reported.
+weights therefore show the cost of drafting, not its benefit. The `trained` section trains the tiny
+preset on the embedded story corpus for `--train-minutes` inside the benchmark, then decodes story
+prompts greedily (acceptance on real text): plain, speculative, auto, and transformers on the same
+weights. Every configuration runs `--repeats` times interleaved; medians are reported.
+
+Each row also reports its share of the weight-read limit: batch-1 decoding must read every weight a
+token touches (attention, dense FFN, shared + top-k experts, the vocab-sized head), so tokens/s can
+never exceed memory bandwidth / bytes per token. The bandwidth is measured in the same run (a sum
+over a buffer far larger than the caches); at batch B one step reads the weights once for B tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from storyseek.generate.load import to_inference
 from storyseek.generate.sampling import SamplingConfig
 from storyseek.model import Transformer, get_preset
 from storyseek.model.info import cache_bytes_per_token
+from storyseek.model.moe import MoE
 
 GREEDY = SamplingConfig(temperature=0)
 PROMPT_LEN = 16
@@ -53,7 +60,7 @@ def time_hf(model, batch: int, new_tokens: int, prompt: torch.Tensor) -> tuple[f
         t = time.perf_counter()
         out = model.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
         total = time.perf_counter() - t
-    assert out.shape[1] == PROMPT_LEN + new_tokens
+    assert out.shape[1] == idx.shape[1] + new_tokens
     return total, first
 
 
@@ -62,27 +69,59 @@ def time_ours(model, batch: int, new_tokens: int, prompt: torch.Tensor, **kw) ->
     cfg = GenerateConfig(max_tokens=new_tokens, sampling=GREEDY, **kw)
     rows = generate_ids(model, prompt[:batch].tolist(), cfg, stats=stats)
     assert all(len(r) == new_tokens for r in rows)
+    stats.rows = rows
     return stats
 
 
-def train_counting_model(cfg, steps: int) -> Transformer:
-    """A model whose MTP is actually trained: sequences that count up by a per-sequence stride."""
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        start = torch.randint(0, cfg.vocab_size, (16, 1))
-        stride = torch.randint(1, 4, (16, 1))
-        seq = (start + stride * torch.arange(65)) % cfg.vocab_size
-        loss = model(seq[:, :-1], seq[:, 1:]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: the best of `repeats` sums over a `mib` MiB fp32 buffer."""
+    x = torch.ones(mib * 2**18)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def bytes_per_step(model: Transformer, batch: int) -> float:
+    """Weight bytes one decode step reads for `batch` tokens (one per row): every trunk weight but
+    the embedding table (one row per token) and the MTP module (plain decoding never runs it); of a
+    MoE layer's routed experts, those the batch is expected to choose: E (1 - (1 - k/E)^batch)."""
+    total = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith(("mtp.", "embed.")) or ".experts." in name:
+            continue
+        total += p.numel() * p.element_size()
+    for moe in (block.ffn for block in model.layers if isinstance(block.ffn, MoE)):
+        expert = sum(p.numel() * p.element_size() for p in moe.experts[0].parameters())
+        E, k = moe.n_experts, moe.topk
+        total += E * (1 - (1 - k / E) ** batch) * expert
+    return total + batch * model.cfg.n_embd * model.embed.weight.element_size()
+
+
+def weight_limit(model: Transformer, batch: int, bandwidth: float) -> float:
+    """tokens/s at which reading the weights alone would take all the time."""
+    return bandwidth / (bytes_per_step(model, batch) / batch)
+
+
+def train_story_model(directory, minutes: float):
+    """The tiny preset trained on the embedded story corpus for `minutes` (the demo's recipe, shorter)
+    -> (model in eval mode, tokenizer)."""
+    from storyseek.data.prepare import PrepareConfig, prepare
+    from storyseek.generate.load import load_model
+    from storyseek.train.config import build_train_config
+    from storyseek.train.loop import train
+
+    data = prepare(PrepareConfig(dataset="builtin", max_docs=20_000, tokenizer="bpe:2048", out=str(directory / "data")))
+    train(build_train_config(dict(data=str(data), out=str(directory), preset="tiny", max_minutes=minutes,
+                                  eval_interval=100, eval_iters=2, device="cpu", seed=1337)))
+    best = directory / "best_model.pt"
+    return load_model(best if best.exists() else directory / "final_model.pt", device="cpu", dtype="float32"), best
 
 
 def run(quick: bool = False, repeats: int = 3, new_tokens: int | None = None, batches=(1, 8),
-        no_cache: bool = True, hf: bool = True, device: str = "cpu") -> dict:
+        no_cache: bool = True, hf: bool = True, device: str = "cpu", train_minutes: float | None = None) -> dict:
     cfg = get_preset("tiny" if quick else "default")
     new_tokens = new_tokens or (32 if quick else 256)
     torch.manual_seed(0)
@@ -93,58 +132,91 @@ def run(quick: bool = False, repeats: int = 3, new_tokens: int | None = None, ba
     models["bfloat16"] = bf16
     prompt = torch.randint(0, cfg.vocab_size - 64, (max(batches), PROMPT_LEN))
     hf_models = {name: hf_model(cfg, getattr(torch, name)).to(device) for name in models} if hf else {}
+    bandwidth = read_bandwidth()
 
     rows = []
     for batch in batches:
         configs = []
         for dt, m in models.items():
             if hf:
-                configs.append((f"transformers DeepseekV3 + DynamicCache, {dt}", lambda m=hf_models[dt]: time_hf(m, batch, new_tokens, prompt)))
+                configs.append((f"transformers DeepseekV3 + DynamicCache, {dt}", dt, lambda m=hf_models[dt]: time_hf(m, batch, new_tokens, prompt)))
             if no_cache and dt == "float32" and batch == 1:  # batch 8 x 256 steps of full forwards: minutes
-                configs.append((f"storyseek no cache (reference), {dt}", lambda m=m: time_ours(m, batch, new_tokens, prompt, use_cache=False)))
-            configs.append((f"storyseek latent cache, {dt}", lambda m=m: time_ours(m, batch, new_tokens, prompt, speculative=False)))
-            configs.append((f"storyseek cache + MTP speculative (random MTP), {dt}",
+                configs.append((f"storyseek no cache (reference), {dt}", dt, lambda m=m: time_ours(m, batch, new_tokens, prompt, use_cache=False)))
+            configs.append((f"storyseek latent cache, {dt}", dt, lambda m=m: time_ours(m, batch, new_tokens, prompt, speculative=False)))
+            configs.append((f"storyseek cache + MTP speculative (random MTP), {dt}", dt,
                             lambda m=m: time_ours(m, batch, new_tokens, prompt, speculative=True)))
-        samples: dict[str, list] = {name: [] for name, _ in configs}
+        samples: dict[str, list] = {name: [] for name, _, _ in configs}
         for _ in range(repeats):  # interleaved, so a noisy neighbour hits every configuration alike
-            for name, fn in configs:
+            for name, _, fn in configs:
                 samples[name].append(fn())
                 got = samples[name][-1]
                 secs = got.total_s if isinstance(got, DecodeStats) else got[0]
                 print(f"batch {batch}: {name}: {batch * new_tokens / secs:.1f} tokens/s", file=sys.stderr, flush=True)
-        for name, got in samples.items():
+        for name, dt, _ in configs:
+            got = samples[name]
             if isinstance(got[0], DecodeStats):
                 total = statistics.median(s.total_s for s in got)
                 first = statistics.median(s.first_token_s for s in got)
                 acc = got[0].acceptance_rate
             else:
                 total, first, acc = statistics.median(g[0] for g in got), statistics.median(g[1] for g in got), None
-            rows.append({"batch": batch, "path": name, "tokens_per_s": batch * new_tokens / total,
-                         "first_token_ms": first * 1000, "acceptance": acc})
+            tps = batch * new_tokens / total
+            rows.append({"batch": batch, "path": name, "tokens_per_s": tps, "first_token_ms": first * 1000,
+                         "acceptance": acc, "limit_share": tps / weight_limit(models[dt], batch, bandwidth)})
 
     out = {"preset": "tiny" if quick else "default", "new_tokens": new_tokens, "prompt_tokens": PROMPT_LEN,
            "device": device, "threads": torch.get_num_threads(), "rows": rows,
+           "bandwidth_gb_s": bandwidth / 1e9,
+           "weight_mb_per_token": {dt: {b: bytes_per_step(m, b) / b / 1e6 for b in batches} for dt, m in models.items()},
            "kv_cache_bytes_per_token": {
                "storyseek latent, float32": cache_bytes_per_token(cfg, 4)["latent"],
                "storyseek latent, bfloat16": cache_bytes_per_token(cfg, 2)["latent"],
                "transformers DeepseekV3 (caches expanded k/v), float32": cache_bytes_per_token(cfg, 4)["mha"]}}
-
-    # Speculative speedup where MTP is trained (a small model; acceptance and speedup, batch 1).
-    small = get_preset("tiny").replace(vocab_size=256, block_size=128)
-    trained = train_counting_model(small, 60 if quick else 200).to(device)
-    sp = {"plain": [], "spec": []}
-    prompts = [[(7 + 2 * i) % small.vocab_size for i in range(PROMPT_LEN)]]
-    for _ in range(repeats):
-        for k, spec in (("plain", False), ("spec", True)):
-            stats = DecodeStats()
-            generate_ids(trained, prompts, GenerateConfig(max_tokens=100, sampling=GREEDY, speculative=spec), stats=stats)
-            sp[k].append(stats)
-    plain_tps = statistics.median(s.tokens_per_s for s in sp["plain"])
-    spec_tps = statistics.median(s.tokens_per_s for s in sp["spec"])
-    out["trained_mtp"] = {"model": "tiny preset, vocab 256, trained on counting sequences", "batch": 1,
-                          "plain_tokens_per_s": plain_tps, "speculative_tokens_per_s": spec_tps,
-                          "speedup": spec_tps / plain_tps, "acceptance": sp["spec"][0].acceptance_rate}
+    minutes = (0.5 if quick else 3.0) if train_minutes is None else train_minutes
+    if minutes > 0:
+        out["trained"] = run_trained(minutes, repeats, 64 if quick else 256, hf, bandwidth)
     return out
+
+
+def run_trained(minutes: float, repeats: int, new_tokens: int, hf: bool, bandwidth: float) -> dict:
+    """The tiny preset trained here on stories; batch 1, greedy, a story prompt, stops disabled."""
+    import tempfile
+    from pathlib import Path
+
+    from storyseek.demo import PROMPTS
+    from storyseek.generate.text import encode_prompt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        (model, tok), ckpt = train_story_model(Path(tmp), minutes)
+        trained_s = time.perf_counter() - t
+        prompt = torch.tensor([encode_prompt(tok, PROMPTS[0], raw=False)])
+        configs = {"storyseek latent cache": dict(speculative=False),
+                   "storyseek cache + MTP speculative": dict(speculative=True),
+                   "storyseek auto (the default)": dict()}
+        fns = {name: (lambda kw=kw: time_ours(model, 1, new_tokens, prompt, **kw)) for name, kw in configs.items()}
+        if hf:
+            import transformers
+
+            from storyseek.export.hf import export_model
+
+            hf_dir = export_model(ckpt if ckpt.exists() else Path(tmp) / "final_model.pt", Path(tmp) / "hf")
+            ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            fns["transformers DeepseekV3 + DynamicCache"] = lambda: time_hf(ref, 1, new_tokens, prompt)
+        samples: dict[str, list] = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                samples[name].append(fn())
+        rows, limit = [], weight_limit(model, 1, bandwidth)
+        for name, got in samples.items():
+            total = statistics.median(g.total_s if isinstance(g, DecodeStats) else g[0] for g in got)
+            stats = got[-1] if isinstance(got[-1], DecodeStats) else None
+            rows.append({"path": name, "tokens_per_s": new_tokens / total, "limit_share": new_tokens / total / limit,
+                         "acceptance": stats.acceptance_rate if stats else None, "auto": stats.auto if stats else ""})
+        outputs = [samples[name][-1].rows for name in configs]
+    return {"model": f"tiny preset trained {minutes:g} min ({trained_s / 60:.1f} min wall incl. data) on the embedded stories",
+            "prompt": PROMPTS[0], "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens, "rows": rows,
+            "greedy_identical": all(o == outputs[0] for o in outputs)}
 
 
 def ratio(rows, batch, num, den):
@@ -155,10 +227,14 @@ def ratio(rows, batch, num, den):
 def markdown(res: dict) -> str:
     lines = [f"preset {res['preset']}, prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens, greedy, "
              f"{res['device']}, {res['threads']} threads, medians", "",
-             "| batch | path | tokens/s | first token (ms) | MTP acceptance |", "|---|---|---:|---:|---:|"]
+             f"memory read bandwidth measured in this run: {res['bandwidth_gb_s']:.1f} GB/s; weights read per token: "
+             + ", ".join(f"{dt} batch {b}: {mb:.1f} MB" for dt, per in res["weight_mb_per_token"].items() for b, mb in per.items()),
+             "", "| batch | path | tokens/s | share of weight-read limit | first token (ms) | MTP acceptance |",
+             "|---|---|---:|---:|---:|---:|"]
     for r in res["rows"]:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
-        lines.append(f"| {r['batch']} | {r['path']} | {r['tokens_per_s']:.1f} | {r['first_token_ms']:.0f} | {acc} |")
+        lines.append(f"| {r['batch']} | {r['path']} | {r['tokens_per_s']:.1f} | {r['limit_share']:.0%} | "
+                     f"{r['first_token_ms']:.0f} | {acc} |")
     lines += ["", "| ratio (tokens/s) | batch 1 | batch 8 |", "|---|---:|---:|"]
     hf32 = "transformers DeepseekV3 + DynamicCache, float32"
     for label, num, den in [
@@ -171,10 +247,21 @@ def markdown(res: dict) -> str:
         lines.append(f"| {label} | " + " | ".join("" if v is None else f"{v:.2f}x" for v in vals) + " |")
     lines += ["", "| KV cache bytes per token (all layers) | bytes |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in res["kv_cache_bytes_per_token"].items()]
-    t = res["trained_mtp"]
-    lines += ["", f"MTP speculative on a trained model ({t['model']}, batch 1, 100 tokens): plain "
-              f"{t['plain_tokens_per_s']:.1f} tokens/s, speculative {t['speculative_tokens_per_s']:.1f} tokens/s "
-              f"= {t['speedup']:.2f}x at {t['acceptance']:.0%} acceptance"]
+    t = res.get("trained")
+    if t:
+        lines += ["", f"{t['model']}; batch 1, greedy, the story prompt \"{t['prompt']}\" ({t['prompt_tokens']} tokens), "
+                      f"{t['new_tokens']} new tokens; greedy outputs of the three storyseek paths identical: "
+                      f"{t['greedy_identical']}", "",
+                  "| path | tokens/s | share of weight-read limit | vs plain | vs transformers | MTP acceptance |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        speed = {r["path"]: r["tokens_per_s"] for r in t["rows"]}
+        hf_tps = speed.get("transformers DeepseekV3 + DynamicCache")
+        for r in t["rows"]:
+            acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
+            vs_hf = f"{r['tokens_per_s'] / hf_tps:.2f}x" if hf_tps else ""
+            lines.append(f"| {r['path']} | {r['tokens_per_s']:.1f} | {r['limit_share']:.0%} | "
+                         f"{r['tokens_per_s'] / speed['storyseek latent cache']:.2f}x | {vs_hf} | {acc} |")
+        lines += [f"\n{r['path']}: {r['auto']}" for r in t["rows"] if r["auto"]]
     return "\n".join(lines)
 
 
@@ -187,10 +274,12 @@ def main() -> None:
     ap.add_argument("--skip-no-cache", action="store_true", help="skip the slow reference path")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument("--train-minutes", type=float, default=None,
+                    help="train the tiny preset on stories this long for the trained-model rows (default 3, quick 0.5; 0 skips)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     args = ap.parse_args()
     res = run(args.quick, args.repeats, args.new_tokens, tuple(args.batches), not args.skip_no_cache, not args.skip_hf,
-              args.device)
+              args.device, args.train_minutes)
     print(json.dumps(res, indent=2) if args.json else markdown(res))
 
 

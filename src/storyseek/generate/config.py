@@ -44,7 +44,8 @@ class GenerateConfig:
     seed: int | None = setting(None, "random seed for reproducible samples", default_text="random")
     num_samples: int = setting(1, "stories per prompt, decoded together as one batch")
     speculative: bool | None = setting(None, "MTP self-speculative decoding",
-                                       default_text="on when the model has MTP weights")
+                                       default_text="auto: with MTP weights, the first steps time both paths "
+                                                    "and the faster one is kept")
     use_cache: bool = setting(True, "keep the latent KV cache between tokens; --no-cache recomputes the whole "
                                     "window every token (the slow reference path)", flag="cache")
     raw: bool = setting(False, "continue the prompt as plain text instead of placing it in the story template")
@@ -58,7 +59,8 @@ class GenerateConfig:
             raise StoryseekError("speculative decoding needs the cache; drop --no-cache or add --no-speculative")
 
     def use_speculative(self, model) -> bool:
-        """Whether `model` (a Transformer) decodes speculatively under this config."""
+        """Whether `model` (a Transformer) starts decoding speculatively under this config (auto
+        starts so, then keeps whichever path measures faster: see generate/decode.py)."""
         has_mtp = model.cfg.mtp_depth >= 1
         if self.speculative and not has_mtp:
             raise StoryseekError("this model has no MTP module, so it cannot draft tokens; use --no-speculative")
