@@ -233,7 +233,7 @@ def markdown(res: dict) -> str:
              "|---|---|---:|---:|---:|---:|"]
     for r in res["rows"]:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
-        lines.append(f"| {r['batch']} | {r['path']} | {r['tokens_per_s']:.1f} | {r['limit_share']:.0%} | "
+        lines.append(f"| {r['batch']} | {r['path']} | {r['tokens_per_s']:.1f} | {r['limit_share']:.1%} | "
                      f"{r['first_token_ms']:.0f} | {acc} |")
     lines += ["", "| ratio (tokens/s) | batch 1 | batch 8 |", "|---|---:|---:|"]
     hf32 = "transformers DeepseekV3 + DynamicCache, float32"
@@ -259,7 +259,7 @@ def markdown(res: dict) -> str:
         for r in t["rows"]:
             acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
             vs_hf = f"{r['tokens_per_s'] / hf_tps:.2f}x" if hf_tps else ""
-            lines.append(f"| {r['path']} | {r['tokens_per_s']:.1f} | {r['limit_share']:.0%} | "
+            lines.append(f"| {r['path']} | {r['tokens_per_s']:.1f} | {r['limit_share']:.1%} | "
                          f"{r['tokens_per_s'] / speed['storyseek latent cache']:.2f}x | {vs_hf} | {acc} |")
         lines += [f"\n{r['path']}: {r['auto']}" for r in t["rows"] if r["auto"]]
     return "\n".join(lines)
