@@ -19,6 +19,21 @@ from torch import nn
 from .config import ModelConfig
 
 
+# Rows per expert group in the grouped GEMM buffer: 16 bytes of bf16, the alignment grouped GEMM
+# kernels want for the token dimension of the weight gradient (torchtitan pads to the same).
+ALIGN = 8
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether F.grouped_mm runs here: CUDA wants bf16 on sm_80+; CPU runs it eagerly in any dtype
+    (torch.compile's meta kernel accepts only bf16, so compiled CPU code takes the dense path)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward, w2(silu(w1 x) * w3 x): the dense FFN, each expert and the shared expert."""
 
@@ -71,30 +86,65 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [B, T, D] -> (output [B, T, D], balance loss or None)."""
+        """x: [B, T, D] -> (output [B, T, D], balance loss or None).
+
+        Nothing here reads a tensor's value on the host: no shape depends on the routing, so the
+        forward never waits for the device and compiles as one graph."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)  # [N, D]
-        weights, indices, scores = self.gate(flat)
-        # Group the N*k (token, expert) assignments by expert so each expert runs once, on its tokens.
-        flat_idx = indices.flatten()  # [N*k]
-        order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.n_experts)  # [E]
-        token_of = order // self.topk  # token index of each sorted assignment
-        gate_of = weights.flatten()[order].unsqueeze(1)  # [N*k, 1]
-        out = torch.zeros_like(flat)
-        start = 0
-        for expert, n in zip(self.experts, counts.tolist()):
-            if n:
-                tok = token_of[start : start + n]
-                y = expert(flat[tok]) * gate_of[start : start + n]
-                out.index_add_(0, tok, y.to(out.dtype))
-                start += n
+        weights, indices, scores = self.gate(flat)  # [N, k], [N, k], [N, E]
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, indices.flatten(), torch.ones_like(indices.flatten()))  # [E] tokens per expert
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if grouped_mm_supported(x.device, dtype):
+            out = self._grouped(flat.to(dtype), weights, indices, counts)
+        else:
+            out = self._dense(flat, weights, indices)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         if self.training:
-            self.load += counts.to(self.load.dtype)
+            self.load.add_(counts.to(self.load.dtype))
         aux = self._balance_loss(scores, indices, B, T) if self.training and self.aux_loss_alpha > 0 else None
         return out.view(B, T, D), aux
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                 counts: torch.Tensor) -> torch.Tensor:
+        """Every expert in one grouped GEMM per projection (torchtitan's MoE does the same).
+
+        The N*k (token, expert) assignments are copied into a buffer grouped by expert, each group
+        padded to a multiple of ALIGN rows (grouped GEMM kernels want aligned groups), of the fixed
+        size N*k + E*ALIGN; padding rows are zero and add nothing to outputs or gradients.
+        x: [N, D] in the compute dtype -> [N, D]."""
+        N, D = x.shape
+        k, E = self.topk, self.n_experts
+        rows = N * k + E * ALIGN
+        padded = (counts + ALIGN - 1) // ALIGN * ALIGN  # [E]
+        group_end = padded.cumsum(0)
+        group_start = group_end - padded
+        flat = indices.flatten()  # [N*k] expert of each assignment, token-major
+        order = flat.argsort(stable=True)
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x.device))  # place in sorted order
+        first = counts.cumsum(0) - counts  # [E] sorted position of each expert's first assignment
+        dest = group_start[flat] + rank - first[flat]  # [N*k] buffer row of each assignment
+        offs = torch.cat([group_end[:-1], group_end.new_full((1,), rows)]).to(torch.int32)  # the last group takes the tail
+        buf = x.new_zeros(rows, D).index_copy(0, dest, x.repeat_interleave(k, dim=0))  # [rows, D]
+        w1 = torch.stack([e.w1.weight for e in self.experts]).to(x.dtype)  # [E, H, D]
+        w3 = torch.stack([e.w3.weight for e in self.experts]).to(x.dtype)
+        w2 = torch.stack([e.w2.weight for e in self.experts]).to(x.dtype)  # [E, D, H]
+        h = (F.silu(F.grouped_mm(buf, w1.transpose(1, 2), offs=offs))
+             * F.grouped_mm(buf, w3.transpose(1, 2), offs=offs))  # [rows, H]
+        y = F.grouped_mm(h, w2.transpose(1, 2), offs=offs)[dest].view(N, k, D)  # back in token order
+        return (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, each output scaled by its gate weight (0 where not chosen):
+        E/k times the routed FLOPs, but fixed shapes. The fallback where grouped GEMM is not.
+        x: [N, D] -> [N, D]."""
+        gates = torch.zeros_like(weights[:, :1]).expand(-1, self.n_experts).scatter(1, indices, weights)  # [N, E]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + expert(x) * gates[:, e : e + 1].to(x.dtype)
+        return out
 
     def _balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """alpha * sum_i f_i P_i, with f_i = E/(k T) * #tokens routed to i and P_i = mean normalized score.
