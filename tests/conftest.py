@@ -1,6 +1,7 @@
 """Test setup: GPT-2's BPE ranks from ../shared when present, so tiktoken works offline."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SHARED_DATA = SHARED / "data"
+
+# Never the user's ~/.cache: the dtype probe's cache lives in a fresh folder (subprocesses inherit it).
+os.environ["STORYSEEK_CACHE_DIR"] = tempfile.mkdtemp(prefix="storyseek-test-cache-")
 
 if (SHARED / "tiktoken-cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
@@ -30,3 +34,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def bf16_measured_slower(monkeypatch):
+    """--dtype auto on a CPU measures bf16 against fp32; tests inject the measurement (bf16 at 0.5x,
+    so auto is float32) instead of depending on the host's CPU. tests/test_device.py varies it."""
+    from storyseek import device
+
+    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes: 0.5)
+    monkeypatch.setenv("STORYSEEK_NO_CACHE", "1")

@@ -46,8 +46,8 @@ def test_changing_a_token_changes_nothing_before_it(variant):
     changed = tokens.clone()
     changed[:, j] = (changed[:, j] + 1) % 128
     with torch.no_grad():
-        a = model(tokens[:, :-1], tokens[:, 1:])
-        b = model(changed[:, :-1], changed[:, 1:])
+        a = model(tokens[:, :-1], tokens[:, 1:], return_logits=True)
+        b = model(changed[:, :-1], changed[:, 1:], return_logits=True)
     # Main logits at position i see tokens <= i. (Not bit-equal: the MoE groups tokens by expert, so
     # a later token's routing changes matmul shapes and the rounding of earlier rows.)
     assert torch.allclose(a.logits[:, :j], b.logits[:, :j], atol=1e-5)
@@ -131,7 +131,7 @@ def test_mtp_step_on_cache_equals_training_mtp_logits():
     tokens = torch.randint(0, 128, (1, 25))
     x, y = tokens[:, :-1], tokens[:, 1:]
     with torch.no_grad():
-        ref = model(x, y).mtp_logits[0]  # [1, 23, V]: position i predicts token i + 2
+        ref = model(x, y, return_logits=True).mtp_logits[0]  # [1, 23, V]: position i predicts token i + 2
         cache = model.new_cache(batch=1)
         pos = torch.arange(24).unsqueeze(0)
         hidden = model(x, cache=cache, pos=pos).hidden
@@ -319,3 +319,21 @@ def test_invalid_config_is_one_clear_error():
 def test_softmax_scale_uses_the_full_query_key_width():
     cfg = get_preset("tiny")
     assert math.isclose(Transformer(cfg).layers[0].attn.softmax_scale, (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5)
+
+
+def test_training_forward_and_loss_compile_as_one_graph():
+    """No host synchronization in training (MoE dispatch, chunked vocabulary loss): fullgraph capture
+    succeeds, and the compiled step computes the eager step's loss and gradients. (aot_eager: the
+    graph capture and AOT autograd, without inductor's C++ build; `train --compile` runs inductor.)"""
+    model = small_model(mtp_depth=2, aux_loss_alpha=1e-2).train()
+    tokens = torch.randint(0, 128, (2, 17))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    eager = model(x, y).loss
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x, y).loss
+    grads = torch.autograd.grad(compiled, list(model.parameters()))
+    assert torch.allclose(compiled, eager, rtol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), grads, eager_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    assert model.moe_layers()[0].load.sum() == 2 * 2 * 16 * 2  # both forwards counted k=2 experts per token

@@ -7,7 +7,9 @@ A training step holds, at its peak (the backward pass):
     weights + gradients + AdamW's two moments     16 bytes per parameter (all fp32)
     activations saved for backward                ~8 tensors per block of the widths a token passes
                                                   through: residual D, heads H (d_qk + d_v), FFN
-    logits, their log-softmax and gradient        12 bytes x vocab per token, per output head (1 + MTP)
+    the vocabulary loss (model/loss.py)           one chunk of logits and its log-softmax (8 bytes x
+                                                  CHUNK_ELEMENTS), and per output head (1 + MTP) the
+                                                  fp32 head and hidden gradients kept for backward
     attention scores (CPU only)                   the math kernel keeps [B, H, T, T] per block: 4 bytes
                                                   per entry, 12 with dropout; GPUs use flash kernels
 
@@ -28,6 +30,7 @@ import torch
 
 from .model import ModelConfig
 from .model.info import count_parameters
+from .model.loss import CHUNK_ELEMENTS
 
 
 @dataclass
@@ -59,7 +62,8 @@ def train_step_bytes(cfg: ModelConfig, batch_size: int, block_size: int, device:
     return Estimate({
         "weights + gradients + AdamW": 16.0 * count_parameters(cfg)["total"],
         "activations": float(N * blocks * per_token_block),
-        "logits": 12.0 * N * cfg.vocab_size * (1 + cfg.mtp_depth),
+        "vocabulary loss": 8.0 * min(N * cfg.vocab_size, CHUNK_ELEMENTS)
+                           + 4.0 * (cfg.vocab_size + N) * cfg.n_embd * (1 + cfg.mtp_depth),
         "attention scores": float(scores),
     })
 

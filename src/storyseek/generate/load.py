@@ -8,32 +8,9 @@ import torch
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..data.tokenizer import Tokenizer
+from ..device import resolve_device, resolve_dtype
 from ..errors import StoryseekError
 from ..model import Transformer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StoryseekError(f"--device {device}: no CUDA GPU is available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise StoryseekError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on GPUs that support it, float32 elsewhere (CPUs without native bf16
-    matmuls run bf16 weights slower than fp32, see benchmarks/bench_generate.py)."""
-    if dtype == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    if dtype not in DTYPES:
-        raise StoryseekError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def to_inference(model: Transformer, dtype: torch.dtype) -> Transformer:
@@ -63,4 +40,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> t
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise StoryseekError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only "
                              f"{model.cfg.vocab_size} embeddings")
-    return to_inference(model, resolve_dtype(dtype, dev)), tokenizer
+    # auto on a CPU times a decode step's matmuls (a few rows) in fp32 and bf16
+    cfg = model.cfg
+    shapes = [(8, cfg.n_embd, cfg.vocab_size), (8, cfg.n_embd, cfg.moe_inter_dim)]
+    return to_inference(model, resolve_dtype(dtype, dev, shapes)[0]), tokenizer

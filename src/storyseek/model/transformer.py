@@ -1,6 +1,7 @@
 """The DeepSeek-V3-style language model: embedding, MLA (or MHA) + (dense | MoE) blocks, final norm, head, MTP.
 
-    logits, losses = model(idx, targets)          training / evaluation (causal, flash attention)
+    out = model(idx, targets)                     training: losses only (no [tokens, vocab] logits)
+    out = model(idx)                              evaluation: logits (causal, flash attention)
     cache = model.new_cache(batch, max_len)       incremental decoding on the latent (MHA: key/value) cache:
     out = model(idx, cache=cache)                 a fresh prefill: idx [B, S] at positions 0..S-1
     out = model(idx, cache=cache, pos=pos, length=T)  tokens idx [B, S] at absolute positions pos [B, S],
@@ -27,6 +28,7 @@ from torch import nn
 from .block import Block
 from .config import ModelConfig
 from .mha import KVCache
+from .loss import linear_cross_entropy
 from .mla import CacheStep, LatentCache, rope_tables
 from .moe import Gate, MoE
 from .mtp import MTPModule
@@ -35,7 +37,7 @@ from .norm import RMSNorm
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, vocab]: next-token logits
+    logits: torch.Tensor | None  # [B, S, vocab]: next-token logits (with targets: only if asked)
     hidden: torch.Tensor  # [B, S, D]: final-norm hidden states (MTP's input h_0)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [B, T-k, vocab], predicts t+k+1
     loss: torch.Tensor | None = None  # main + lambda * mtp + balance: what training minimizes
@@ -75,8 +77,11 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: LatentCache | KVCache | None = None, pos: torch.Tensor | None = None, length: int | None = None,
-                last_only: bool = False) -> ModelOutput:
+                last_only: bool = False, return_logits: bool = False) -> ModelOutput:
         """idx: [B, S] token ids. targets: [B, S] the ids that follow (-1 = ignore), for the losses.
+
+        With targets the vocabulary losses never materialize [B, S, vocab] logits (model/loss.py);
+        `return_logits` computes them too (and the MTP depths' logits).
 
         With `cache`, decode incrementally on the latent cache: without `pos`, a fresh prefill of
         every row at positions 0..S-1; with `pos` [B, S] (absolute positions, any per row), each
@@ -84,39 +89,43 @@ class Transformer(nn.Module):
         pos.max() + 1; a decoder knows it, and passing it saves reading pos back from the device).
         `last_only` (inference): logits for the last position only, [B, 1, vocab]; a prefill then
         skips S-1 rows of the vocab-sized head (hidden stays [B, S, D] for MTP).
-        MTP runs only with targets (it needs the future tokens' embeddings); inference pays nothing.
+        MTP runs only with targets (training and its losses); inference pays nothing.
         """
         B, S = idx.shape
         cos, sin = self._rope(S, pos)
         step = None if cache is None else CacheStep.build(pos, length)
-        x = self.dropout(self.embed(idx))
+        emb = self.embed(idx)  # [B, S, D]
+        x = self.dropout(emb)
         balance = []
         for i, layer in enumerate(self.layers):
             x, aux = layer(x, cos, sin, self._layer_cache(cache, i), step)
             if aux is not None:
                 balance.append(aux)
         h = self.norm(x)
-        out = ModelOutput(logits=self.head(h[:, -1:] if last_only else h), hidden=h)
+        out = ModelOutput(logits=None, hidden=h)
+        if targets is None or return_logits:
+            out.logits = self.head(h[:, -1:] if last_only else h)
         if targets is None:
             return out
 
-        out.main_loss = _cross_entropy(out.logits, targets)
+        out.main_loss = linear_cross_entropy(h, self.head.weight, targets)
         total = out.main_loss
         if self.mtp:
             if S <= len(self.mtp):
                 raise ValueError(f"MTP depth {len(self.mtp)} needs sequences longer than {S} tokens")
             h_prev, losses = h, []
             for k, module in enumerate(self.mtp, start=1):
-                # Position i of depth k sees tokens up to i + k and predicts token i + k + 1:
-                # targets[:, j] is token j + 1, so Emb(t_{i+k}) = Emb(targets[:, i + k - 1]).
+                # Position i of depth k sees tokens up to i + k and predicts token i + k + 1;
+                # Emb(t_{i+k}) for i < S - k is the trunk's own lookup shifted: one lookup (and
+                # one dense embedding gradient) serves every depth.
                 n = S - k
-                h_k, aux = module(h_prev[:, :n], self.embed(targets[:, k - 1 : k - 1 + n]),
-                                  cos[:, :n], sin[:, :n])
+                h_k, aux = module(h_prev[:, :n], emb[:, k:], cos[:, :n], sin[:, :n])
                 if aux is not None:
                     balance.append(aux)
-                logits_k = self.head(module.norm(h_k))  # [B, S-k, vocab]
-                out.mtp_logits.append(logits_k)
-                losses.append(_cross_entropy(logits_k, targets[:, k:]))
+                h_k_normed = module.norm(h_k)  # [B, S-k, D]
+                losses.append(linear_cross_entropy(h_k_normed, self.head.weight, targets[:, k:]))
+                if return_logits:
+                    out.mtp_logits.append(self.head(h_k_normed))  # [B, S-k, vocab]
                 h_prev = h_k
             out.mtp_loss = torch.stack(losses).mean()
             total = total + self.cfg.mtp_lambda * out.mtp_loss
@@ -187,6 +196,3 @@ class Transformer(nn.Module):
         for moe, layer_load in zip(self.moe_layers(), load):
             moe.update_bias(layer_load)
 
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import StoryseekError
+from ..device import resolve_device
 
 
 @dataclass
@@ -35,30 +35,12 @@ class Dist:
         return self.rank == 0
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise StoryseekError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise StoryseekError("--device cuda: no CUDA GPU is available to PyTorch here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise StoryseekError("--device mps: MPS is not available here")
-    return device
-
-
 def setup(device_name: str) -> Dist:
     """Join the process group when launched by torchrun; pick this rank's device."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist(device=pick_device(device_name))
+        return Dist(device=resolve_device(device_name))
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    device = pick_device(device_name)
+    device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

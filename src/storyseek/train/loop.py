@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from ..checkpoint.pt import BEST, FINAL, LATEST, METRICS_CSV
 from ..data.batches import RandomWindows
+from ..device import autocast, resolve_dtype
 from ..data.shards import load_meta, open_tokens
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import StoryseekError
@@ -48,7 +49,6 @@ from .config import TrainConfig
 from .metrics import (MetricsLog, console_line, detail_line, flops_per_token, gpu_memory_gb, gpu_peak_flops,
                       plot_metrics, ram_gb)
 from .optim import configure_optimizer, lr_at
-from .precision import autocast, resolve_dtype
 
 # What --init-from may change: how the model trains, and its context (RoPE has no learned positions).
 FINETUNE_FIELDS = (*TRAINING_FIELDS, "block_size")
@@ -115,7 +115,7 @@ class Trainer:
             if len(data) <= self.T + 1:
                 raise StoryseekError(f"{cfg.data}: the {split} split has {len(data):,} tokens, too few for "
                                      f"--block-size {self.T}; lower --block-size or prepare more data")
-        self.dtype, self.dtype_why = resolve_dtype(cfg.dtype, self.device)
+        self.dtype, self.dtype_why = _agreed_dtype(cfg.dtype, self.device, self.model_cfg, cfg.batch_size * self.T, d)
         _check_memory(cfg, self.model_cfg, self.T, self.device, self.dtype)
 
         # ------------------------------------------------------------ model
@@ -394,9 +394,19 @@ def _load_weights(model: Transformer, state_dict: dict, source: str) -> None:
         raise StoryseekError(f"{source}: its weights do not fit this model ({first})") from None
 
 
+def _agreed_dtype(name: str, device: torch.device, model_cfg: ModelConfig, tokens: int,
+                  d: distributed.Dist) -> tuple[torch.dtype, str]:
+    """--dtype for this run: auto on a CPU times the head's and an expert's matmuls at this batch.
+    Ranks measure apart, so bf16 only where every rank found it faster: they must train alike."""
+    shapes = [(tokens, model_cfg.n_embd, model_cfg.vocab_size), (tokens, model_cfg.n_embd, model_cfg.moe_inter_dim)]
+    dtype, why = resolve_dtype(name, device, shapes)
+    if name == "auto" and distributed.any_rank(dtype != torch.bfloat16, d) and dtype == torch.bfloat16:
+        return torch.float32, f"{why}, but not on every rank: float32"
+    return dtype, why
+
+
 def _wrap(model: Transformer, cfg: TrainConfig, d: distributed.Dist) -> torch.nn.Module:
     """What the training step calls: the model, compiled (--compile), inside DDP (torchrun)."""
-    find_unused = model.cfg.n_moe_layers + model.cfg.mtp_depth > 0  # an expert may receive no tokens in a step
     if cfg.compile:
         model = torch.compile(model)
     if not d.enabled:
@@ -405,10 +415,12 @@ def _wrap(model: Transformer, cfg: TrainConfig, d: distributed.Dist) -> torch.nn
 
     # Buffers are not re-broadcast each forward: each rank's expert-load counts must stay its own
     # until the all-reduce, and the biases stay equal because every rank applies the same update.
+    # Every parameter gets a gradient every step (the MoE dispatch gives each expert one, if zero,
+    # even when it receives no tokens), so DDP need not search the graph for unused ones.
     no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                else {"broadcast_buffers": False})
     return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-               find_unused_parameters=find_unused, **no_sync)
+               **no_sync)
 
 
 # --------------------------------------------------------------------------------- signals and RNGs

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# One short call on a fresh GPU machine (under 8 minutes): the default preset's training speed in
+# bf16, eager and torch.compile'd: tokens/s, MFU, graph breaks, peak GPU memory; then, if a prepared
+# data folder is given, `storyseek train --compile` end to end on it.
+#
+#   bash benchmarks/gpu_check.sh [DATA_DIR]       # DATA_DIR: from `storyseek prepare` (optional)
+#
+# Runs from a source checkout without installing it (PYTHONPATH=src); needs a python with CUDA torch.
+# Overrides for a dry run of the same code on a CPU (what CI can check):
+#   DEVICE=cpu PRESET=tiny BATCH=2 SEQ=64 STEPS=2 DTYPE=float32 bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+DATA="${1:-}"
+export DEVICE="${DEVICE:-cuda}" PRESET="${PRESET:-default}" BATCH="${BATCH:-12}" SEQ="${SEQ:-1024}"
+export STEPS="${STEPS:-20}" DTYPE="${DTYPE:-bfloat16}"
+
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PYTHON" - <<'EOF'
+import os, statistics, time
+
+import torch
+
+from storyseek.device import autocast, resolve_device, resolve_dtype
+from storyseek.model import Transformer, get_preset
+from storyseek.model.info import count_parameters
+from storyseek.train.metrics import flops_per_token, gpu_peak_flops
+from storyseek.train.optim import configure_optimizer
+
+device = resolve_device(os.environ["DEVICE"])
+dtype = resolve_dtype(os.environ["DTYPE"], device)[0]
+B, T, steps = int(os.environ["BATCH"]), int(os.environ["SEQ"]), int(os.environ["STEPS"])
+cfg = get_preset(os.environ["PRESET"]).replace(block_size=max(T, 2))
+print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+      f"preset {os.environ['PRESET']}, batch {B} x {T}, {dtype}")
+if device.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+p = count_parameters(cfg)
+flops = flops_per_token(cfg, T, p["active"], p["mtp"])
+peak = gpu_peak_flops(device)
+
+for mode in ("eager", "compile"):
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device).train()
+    opt = configure_optimizer(model, 3e-4, 0.1, (0.9, 0.95), device.type)
+    idx = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
+    x, y = idx[:, :-1], idx[:, 1:]
+    breaks = "-"
+    if mode == "compile":
+        torch._dynamo.reset()
+        with autocast(device, dtype):
+            explained = torch._dynamo.explain(model)(x, y)
+        breaks = f"{explained.graph_break_count} ({'; '.join(str(r.reason) for r in explained.break_reasons[:3]) or 'none'})"
+        torch._dynamo.reset()
+    fwd = torch.compile(model) if mode == "compile" else model
+
+    def step():
+        with autocast(device, dtype):
+            loss = fwd(x, y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_expert_bias()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    first = step()
+    warm = time.perf_counter() - t
+    step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        last = step()
+        times.append(time.perf_counter() - t)
+    tps = B * T / statistics.median(times)
+    mfu = f"{100 * flops * tps / peak:.1f}%" if peak else "- (no known peak for this device)"
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "-"
+    print(f"{mode:8s} tokens/s {tps:,.0f} | MFU {mfu} | graph breaks {breaks} | peak memory {mem} | "
+          f"first step {warm:.1f}s | loss {first.item():.3f} -> {last.item():.3f}", flush=True)
+    del model, opt, fwd
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+EOF
+
+if [ -n "$DATA" ]; then
+  OUT="$(mktemp -d)/run"
+  "$PYTHON" -m storyseek train --data "$DATA" --out "$OUT" --preset "$PRESET" --device "$DEVICE" \
+    --dtype auto --compile --batch-size "$BATCH" --block-size "$SEQ" --max-iters 60 --eval-interval 30 \
+    --eval-iters 5 --warmup-iters 10
+fi

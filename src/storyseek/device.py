@@ -1,0 +1,169 @@
+"""Where storyseek computes and in which number format: the one meaning of --device and --dtype.
+
+    device = resolve_device("auto")                        cuda -> mps -> cpu
+    dtype, why = resolve_dtype("auto", device, shapes)     (torch dtype, the line to print)
+    with autocast(device, dtype): ...                      training's forward
+
+`--dtype auto`:
+  - CUDA: bfloat16 where the GPU supports it (tensor cores; no probe), else float16 (training adds
+    a gradient scaler).
+  - CPU: measured, never guessed from CPU flags (an AVX512-BF16 CPU can run bf16 matmuls at 0.6x
+    of fp32). A probe of at most ~0.5 s times matmuls of the model's own shapes in fp32 and bf16,
+    alternating; bf16 only where it is clearly (BF16_MARGIN) faster. The result is cached per CPU
+    model, thread count, torch version and shapes in ~/.cache/storyseek/dtype_probe.json
+    (STORYSEEK_CACHE_DIR moves it, STORYSEEK_NO_CACHE=1 turns the cache off).
+  - MPS: float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import StoryseekError
+from .files import atomic_write
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 to be chosen
+PROBE_SECONDS = 0.5
+PROBE_FLOPS = 1e8  # per timed matmul: rows are cut so one takes milliseconds
+
+Shape = tuple[int, int, int]  # (rows, in, out) of a matmul x[rows, in] @ w[in, out]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`--device`: auto is cuda, then mps, then cpu; StoryseekError for a device that is not here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise StoryseekError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StoryseekError(f"--device {name}: no CUDA GPU is available to PyTorch here; use --device cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise StoryseekError(f"--device {name}: MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise StoryseekError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, shapes: Sequence[Shape] = ()) -> tuple[torch.dtype, str]:
+    """(compute dtype, why) for `--dtype name` on `device`; `shapes` are the model's matmuls that
+    the CPU probe times. StoryseekError when the device cannot compute in that dtype."""
+    kind = device.type
+    if name == "auto":
+        if kind == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "bfloat16 (CUDA GPU with bf16)"
+            return torch.float16, "float16 with a gradient scaler (CUDA GPU without bf16)"
+        if kind == "cpu":
+            speedup, cached = bf16_speedup(shapes)
+            source = "cached measurement" if cached else "measured just now"
+            if speedup >= BF16_MARGIN:
+                return torch.bfloat16, f"bf16 {speedup:.1f}x faster than fp32 here ({source}): bfloat16"
+            return torch.float32, f"bf16 {speedup:.1f}x of fp32 here ({source}): float32"
+        return torch.float32, f"float32 ({kind} device)"
+    if name not in DTYPES:
+        raise StoryseekError(f"unknown --dtype {name!r}: choose auto, {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and kind != "cuda":
+        raise StoryseekError(f"--dtype float16 needs a CUDA GPU (device is {kind}); use --dtype auto, float32 or bfloat16")
+    if dtype == torch.bfloat16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise StoryseekError("--dtype bfloat16: this GPU does not support bf16; use --dtype auto or float16")
+    if dtype == torch.bfloat16 and kind == "mps":
+        raise StoryseekError("--dtype bfloat16 is not supported on mps; use --dtype float32")
+    return dtype, name
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Training's forward context: autocast to `dtype`, or nothing for fp32 (weights stay fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------ the CPU probe
+
+
+def bf16_speedup(shapes: Sequence[Shape], measure: Callable[[Sequence[Shape]], float] | None = None) -> tuple[float, bool]:
+    """(fp32 time / bf16 time for `shapes` on this CPU, whether it came from the cache)."""
+    shapes = [_probe_shape(s) for s in shapes or [(1024, 512, 2048)]]
+    key = f"{_cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | " + \
+          ",".join("x".join(map(str, s)) for s in shapes)
+    path = _cache_path()
+    cache = _read_cache(path) if path else {}
+    if key in cache:
+        return cache[key], True
+    speedup = round((measure or measure_bf16_speedup)(shapes), 3)
+    if path:
+        cache[key] = speedup
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path, "w") as f:
+                json.dump(cache, f, indent=1)
+        except OSError:
+            pass  # a read-only home: measure again next time
+    return speedup, False
+
+
+def measure_bf16_speedup(shapes: Sequence[Shape], seconds: float = PROBE_SECONDS) -> float:
+    """Time x @ w for each shape in fp32 and bf16, in alternating rounds for about `seconds`;
+    the best time per dtype over the rounds (the least disturbed by other processes)."""
+    shapes = [_probe_shape(s) for s in shapes]
+    pairs = {dtype: [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+             for dtype in (torch.float32, torch.bfloat16)}
+    best = {dtype: float("inf") for dtype in pairs}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < 2 or (time.perf_counter() - start < seconds and rounds < 50):
+        for dtype, mats in pairs.items():
+            t = time.perf_counter()
+            for x, w in mats:
+                x @ w
+            best[dtype] = min(best[dtype], time.perf_counter() - t)
+        rounds += 1
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def _probe_shape(shape: Shape) -> Shape:
+    """Fewer rows where one matmul would take long: the ratio, not the total, is what counts."""
+    m, k, n = shape
+    return max(1, min(m, int(PROBE_FLOPS / (2 * k * n)))), k, n
+
+
+def _cpu_name() -> str:
+    """The CPU model, plus a digest of its feature flags: one model name can cover several chips."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    field = lambda key: next((l.split(":", 1)[1].strip() for l in info if l.startswith(key)), "")
+    return f"{field('model name')} [{hashlib.sha1(field('flags').encode()).hexdigest()[:8]}]"
+
+
+def _cache_path() -> Path | None:
+    if os.environ.get("STORYSEEK_NO_CACHE"):
+        return None
+    root = os.environ.get("STORYSEEK_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "storyseek"
+    return Path(root) / "dtype_probe.json"
+
+
+def _read_cache(path: Path) -> dict[str, float]:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in cache.items() if isinstance(v, (int, float))} if isinstance(cache, dict) else {}

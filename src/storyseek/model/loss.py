@@ -1,0 +1,73 @@
+"""The vocabulary loss without [tokens, vocab] logits: a chunked linear + cross-entropy.
+
+The plain path, logits = h W^T [N, V] -> log_softmax -> NLL, keeps the [N, V] logits for backward,
+which then writes [N, V] gradients twice more (a zero fill and the softmax backward): with a 50k
+vocabulary that moves more bytes than the head's GEMM multiplies. Here, per chunk of C rows:
+
+    z    = h_c W^T                       [C, V]  (the compute dtype; fp32 for the softmax)
+    loss = sum_rows logsumexp(z) - z[target]
+    dz   = (softmax(z) - onehot(target)) / n_valid                the gradient of the mean loss
+    dh_c = dz W                          [C, D]
+    dW  += dz^T h_c                      [V, D]  (fp32)
+
+all inside the forward, as Liger Kernel's fused linear cross-entropy does, so the backward only
+scales dh and dW by the incoming gradient: three GEMMs, as in the plain path, and one [C, V]
+chunk alive instead of [N, V]. Recomputing z in the backward instead would save dh and dW until
+then but costs a fourth GEMM. Targets of -1 are ignored, as F.cross_entropy's ignore_index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -1
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 128 MB of fp32, 667 rows of a 50,304 vocabulary
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits h W^T against targets, never holding all of them.
+
+    h: [..., D] hidden states; weight: [V, D] the output head; targets: [...] ids (-1 = ignore).
+    Under autocast the GEMMs run in the autocast dtype, as F.linear would; the softmax in fp32.
+    """
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    h, targets = h.reshape(-1, h.size(-1)).to(dtype), targets.reshape(-1)
+    chunk = max(1, CHUNK_ELEMENTS // weight.size(0))
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight.to(dtype), targets, chunk)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        valid = targets != IGNORE  # [N]
+        n_valid = valid.sum().clamp(min=1)
+        scale = (valid / n_valid).to(h.dtype).unsqueeze(1)  # [N, 1]: d mean / d row, 0 where ignored
+        safe = targets.clamp(min=0).unsqueeze(1)  # [N, 1]: any id for ignored rows (scaled by 0)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dh = torch.empty_like(h) if want_grad else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), chunk):
+            h_c, t_c, v_c, s_c = h[s : s + chunk], safe[s : s + chunk], valid[s : s + chunk], scale[s : s + chunk]
+            logp = torch.log_softmax((h_c @ weight.T).float(), dim=-1)  # [C, V], fp32
+            loss -= (logp.gather(1, t_c).squeeze(1) * v_c).sum()
+            if not want_grad:
+                continue
+            # d loss_row / d z = softmax(z) - onehot(target), in place of logp; the row scale goes
+            # on the [C, D] operands, not on the [C, V] chunk.
+            dz = logp.exp_().scatter_add_(1, t_c, torch.full_like(t_c, -1, dtype=logp.dtype)).to(h.dtype)
+            dh[s : s + chunk] = (dz @ weight) * s_c
+            if dz.dtype == torch.float32:
+                dw.addmm_(dz.T, h_c * s_c)
+            else:
+                dw += (dz.T @ (h_c * s_c)).float()
+        ctx.save_for_backward(dh, dw)
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dh, dw = ctx.saved_tensors
+        return dh * grad.to(dh.dtype), (dw * grad).to(dh.dtype), None, None
+

@@ -1,0 +1,82 @@
+"""--device and --dtype: one meaning of auto; the CPU's bf16 choice measured (injected here), cached."""
+
+import json
+
+import pytest
+import torch
+
+from storyseek import device
+from storyseek.device import autocast, bf16_speedup, measure_bf16_speedup, resolve_device, resolve_dtype
+from storyseek.errors import StoryseekError
+
+CPU = torch.device("cpu")
+SHAPES = [(512, 64, 1000), (512, 64, 96)]
+
+
+@pytest.mark.parametrize("speedup, dtype, line", [
+    (0.6, torch.float32, "bf16 0.6x of fp32 here (measured just now): float32"),
+    (1.1, torch.float32, "bf16 1.1x of fp32 here (measured just now): float32"),  # not clearly faster
+    (1.9, torch.bfloat16, "bf16 1.9x faster than fp32 here (measured just now): bfloat16"),
+])
+def test_auto_on_cpu_follows_the_measurement(monkeypatch, speedup, dtype, line):
+    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes: speedup)
+    assert resolve_dtype("auto", CPU, SHAPES) == (dtype, line)
+
+
+def test_the_measurement_is_cached_per_machine_and_torch(monkeypatch, tmp_path):
+    monkeypatch.delenv("STORYSEEK_NO_CACHE")
+    monkeypatch.setenv("STORYSEEK_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes: calls.append(shapes) or 1.9)
+    assert bf16_speedup(SHAPES) == (1.9, False)
+    assert bf16_speedup(SHAPES) == (1.9, True) and len(calls) == 1  # the second run reads the cache
+    assert resolve_dtype("auto", CPU, SHAPES)[1].endswith("(cached measurement): bfloat16")
+    key, = json.loads((tmp_path / "dtype_probe.json").read_text())
+    assert torch.__version__ in key and f"{torch.get_num_threads()} threads" in key
+    bf16_speedup([(64, 64, 64)])  # other shapes: measured anew
+    assert len(calls) == 2
+    (tmp_path / "dtype_probe.json").write_text("not json")  # a damaged cache is measured again, not fatal
+    assert bf16_speedup(SHAPES) == (1.9, False)
+
+
+def test_the_real_probe_is_short_and_never_touches_the_home_cache(monkeypatch, tmp_path):
+    """The real measurement: a positive ratio within about half a second (its value is the host's)."""
+    import time
+
+    monkeypatch.undo()  # the real measure_bf16_speedup
+    monkeypatch.setenv("STORYSEEK_CACHE_DIR", str(tmp_path))
+    t = time.perf_counter()
+    ratio = measure_bf16_speedup([(4096, 512, 50304)])
+    assert ratio > 0 and time.perf_counter() - t < 5  # ~0.5 s (big shapes are cut), room for a busy machine
+    assert not (tmp_path / "dtype_probe.json").exists()  # measuring alone caches nothing
+
+
+def test_explicit_dtypes_and_what_a_device_cannot_do():
+    assert resolve_dtype("float32", CPU) == (torch.float32, "float32")
+    assert resolve_dtype("bfloat16", CPU)[0] == torch.bfloat16
+    with pytest.raises(StoryseekError, match="float16 needs a CUDA GPU"):
+        resolve_dtype("float16", CPU)
+    with pytest.raises(StoryseekError, match="unknown --dtype 'fp8'"):
+        resolve_dtype("fp8", CPU)
+    assert isinstance(autocast(CPU, torch.bfloat16), torch.autocast)
+
+
+def test_device_auto_and_bad_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == CPU
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")  # cuda -> mps -> cpu, everywhere
+    with pytest.raises(StoryseekError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(StoryseekError, match="unknown --device 'gpu0'"):
+        resolve_device("gpu0")
+
+
+def test_cuda_auto_keeps_bf16_without_a_probe(monkeypatch):
+    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes: pytest.fail("no probe on CUDA"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", torch.device("cuda"))[0] == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    dtype, why = resolve_dtype("auto", torch.device("cuda"))
+    assert dtype == torch.float16 and "gradient scaler" in why
