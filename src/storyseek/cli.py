@@ -166,8 +166,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, dest="stream_output",
                    help="print tokens as they come (default: when stdout is a terminal and there is one story)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"),
-                   help="weights and cache dtype (default: auto = bfloat16 on GPUs that support it, else float32)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+                   help="weights and cache dtype (default: auto = bfloat16 on GPUs; on a CPU where measured faster)")
+    p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: auto)")
     p.add_argument("--verbose", action="store_true",
                    help="also print the model (layers, tokenizer, dtype, device, decoding path) and the speed summary "
                    "on stderr (the summary prints without it whenever MTP speculative decoding runs)")

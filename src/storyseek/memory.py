@@ -10,8 +10,8 @@ A training step holds, at its peak (the backward pass):
     the vocabulary loss (model/loss.py)           one chunk of logits and its log-softmax (8 bytes x
                                                   CHUNK_ELEMENTS), and per output head (1 + MTP) the
                                                   fp32 head and hidden gradients kept for backward
-    attention scores (CPU only)                   the math kernel keeps [B, H, T, T] per block: 4 bytes
-                                                  per entry, 12 with dropout; GPUs use flash kernels
+    attention scores (CPU, dropout only)          the math kernel (flash kernels have no dropout on
+                                                  CPUs) keeps [B, H, T, T] per block, 12 bytes per entry
 
 The factors were fitted to measured peaks (fp32, CPU, the tiny preset at T = 256..2048: the estimate
 is 10-20% above the measurement), so the check errs on the side of letting a run start.
@@ -57,8 +57,8 @@ def train_step_bytes(cfg: ModelConfig, batch_size: int, block_size: int, device:
     ffn = (dense * ffn_dense + (blocks - dense) * ffn_moe) / blocks
     per_token_block = 8 * (2 * cfg.n_embd + heads + 2 * cfg.kv_lora_rank + ffn) * activation_bytes
     scores = 0.0
-    if device.type != "cuda":
-        scores = batch_size * cfg.n_head * T * T * blocks * (12 if cfg.dropout > 0 else 4)
+    if device.type != "cuda" and cfg.dropout > 0:
+        scores = batch_size * cfg.n_head * T * T * blocks * 12
     return Estimate({
         "weights + gradients + AdamW": 16.0 * count_parameters(cfg)["total"],
         "activations": float(N * blocks * per_token_block),

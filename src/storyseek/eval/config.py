@@ -35,8 +35,8 @@ class EvalConfig:
                                        "keeps at least context - stride tokens before it",
                                  default_text="half the context", group=_SCORING)
     batch_size: int = setting(8, "windows (and stories) per forward pass", group=_SCORING)
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", group=_SCORING)
-    dtype: str = setting("auto", "weights dtype (auto: bfloat16 on GPUs that support it, else float32)",
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps", group=_SCORING)
+    dtype: str = setting("auto", "weights dtype (auto: bfloat16 on GPUs; on a CPU where measured faster)",
                          choices=("auto", "float32", "bfloat16"), group=_SCORING)
     as_json: bool = setting(False, "print one JSON object instead of the table", flag="json", group=_SCORING)
     stories: int = setting(0, "sample N stories and report the story checks", group=_STORIES)

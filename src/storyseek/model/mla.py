@@ -176,10 +176,16 @@ class MLA(nn.Module):
         k_nope, v = self.wkv_b(c).unflatten(-1, (H, self.d_n + self.d_v)).split([self.d_n, self.d_v], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, S, d_n + d_r]
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.d_r)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # [B, H, S, d_v]
+        # CPUs' flash kernel wants one width for q, k and v; otherwise SDPA falls back to the math
+        # kernel, which materializes [B, H, S, S] scores (4x slower for the tiny preset). Zero
+        # columns change no dot product and no weighted sum: pad, then drop the padding.
+        if q.device.type == "cpu" and q.size(-1) != self.d_v:
+            width = max(q.size(-1), self.d_v)
+            q, k, v = (F.pad(t, (0, width - t.size(-1))) for t in (q, k, v))
         y = F.scaled_dot_product_attention(
-            q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # [B, H, S, d_v]
+            q, k, v, is_causal=True, scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0,
+        )[..., : self.d_v]  # [B, H, S, d_v]
         return self.wo(y.transpose(1, 2).flatten(2))
 
     def _attend_latent(self, q_nope, q_pe, latent, bias) -> torch.Tensor:

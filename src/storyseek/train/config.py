@@ -68,9 +68,10 @@ class TrainConfig:
     wandb_project: str = setting("storyseek", "W&B project")
     # system
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    dtype: str = setting("auto", "auto: bf16 autocast on GPUs and CPUs with AVX512-BF16/AMX, fp16 + grad scaler on "
-                                 "GPUs without bf16, else float32", choices=DTYPES)
-    compile: bool = setting(False, "torch.compile the model")
+    dtype: str = setting("auto", "auto: bf16 autocast on GPUs (fp16 + grad scaler without bf16); on a CPU bf16 "
+                                 "only where a short cached probe measures it clearly faster, else float32",
+                         choices=DTYPES)
+    compile: bool = setting(False, "torch.compile the model (inductor, GPU or CPU; compiling takes minutes)")
     seed: int = setting(1337, "random seed")
     resume: bool = setting(False, "continue from OUT/latest.pt")
     init_from: str | None = setting(None, "start from the weights of this checkpoint or exported directory (fine-tuning)",
