@@ -311,7 +311,8 @@ class Trainer:
                         raise Interrupted
                 mean, nats, nbytes = distributed.all_reduce_sum(total, d).tolist()
                 losses[split] = mean / (cfg.eval_iters * d.world_size)
-                losses[f"{split}_bpb"] = nats / (math.log(2) * nbytes) if nbytes else math.nan
+                if split == "val":
+                    losses["val_bpb"] = nats / (math.log(2) * nbytes) if nbytes else math.nan
         finally:
             self.raw_model.train()
         return losses
