@@ -17,7 +17,8 @@ from storyseek.eval.score import score, windows
 from storyseek.eval.stories import Prompt, Sample, prompts_from_file, sample_stories, split_story, story_checks
 from storyseek.generate.config import GenerateConfig
 from storyseek.model import Transformer, get_preset, pad_vocab
-from storyseek.checkpoint import save_checkpoint
+
+from helpers import write_ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,12 +49,6 @@ def random_model(tokenizer, seed=0, **overrides):
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     return model
-
-
-def write_ckpt(path, model, tokenizer):
-    save_checkpoint(path, {"model_config": model.cfg.to_dict(), "tokenizer": tokenizer.to_dict(),
-                           "model": model.state_dict(), "iter": 1})
-    return path
 
 
 def text_bytes(doc):

@@ -12,7 +12,8 @@ from storyseek.data.tokenizer import BPETokenizer, GPT2Tokenizer
 from storyseek.errors import StoryseekError
 from storyseek.export.gguf import export_gguf
 from storyseek.model import Transformer, get_preset, pad_vocab
-from storyseek.checkpoint import save_checkpoint
+
+from helpers import random_model, write_ckpt
 
 gguf = pytest.importorskip("gguf")
 
@@ -31,26 +32,6 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def bpe():
     return BPETokenizer.train(400, TEXTS)
-
-
-def random_model(cfg, seed=0):
-    """Random weights with non-trivial norms and routing biases, so a wrong mapping cannot hide."""
-    torch.manual_seed(seed)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-        for name, b in model.named_buffers():
-            if name.endswith("gate.bias"):
-                b.uniform_(-0.1, 0.1)
-    return model
-
-
-def write_ckpt(path, model, tokenizer):
-    save_checkpoint(path, {"model_config": model.cfg.to_dict(), "tokenizer": tokenizer.to_dict(),
-                           "model": model.state_dict(), "iter": 3})
-    return path
 
 
 def fields(reader) -> dict:

@@ -10,7 +10,9 @@ from storyseek.data.tokenizer import BPETokenizer
 from storyseek.errors import StoryseekError
 from storyseek.export.hf import export_model
 from storyseek.model import Transformer, get_preset, pad_vocab
-from storyseek.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint, save_checkpoint
+from storyseek.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint
+
+from helpers import random_model, write_ckpt
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,26 +24,6 @@ TEXTS = ["Once upon a time there was a little fox who loved the moon.",
 @pytest.fixture(scope="module")
 def bpe():
     return BPETokenizer.train(400, TEXTS)
-
-
-def random_model(cfg, seed=0):
-    """Random weights with non-trivial norms and routing biases, so a wrong mapping cannot hide."""
-    torch.manual_seed(seed)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-        for name, b in model.named_buffers():
-            if name.endswith("gate.bias"):
-                b.uniform_(-0.1, 0.1)
-    return model
-
-
-def write_ckpt(path, model, tokenizer, **extra):
-    save_checkpoint(path, {"model_config": model.cfg.to_dict(), "tokenizer": tokenizer.to_dict(),
-                           "model": model.state_dict(), "iter": 7, **extra})
-    return path
 
 
 def hf_logits(directory, idx, attn="sdpa"):
