@@ -63,7 +63,7 @@ def test_readme_flag_tables_match_the_cli():
 def test_demo_block_runs_and_prints_stories(tmp_path):
     block = tagged_block("demo")
     assert block.strip() == "storyseek demo"
-    r = run_bash(block, tmp_path, STORYSEEK_DEMO_MINUTES="0.15", STORYSEEK_DEMO_STORIES="1500")
+    r = run_bash(block, tmp_path, STORYSEEK_DEMO_MINUTES="0.4", STORYSEEK_DEMO_STORIES="1500")
     assert r.returncode == 0, r.stderr[-2000:]
     stories = re.findall(r">>> .*?\n\n(.+?)\n\n", r.stdout, re.S)
     assert len(stories) == 2 and all(s.strip() for s in stories), r.stdout[-2000:]
