@@ -37,10 +37,13 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def bf16_measured_slower(monkeypatch):
-    """--dtype auto on a CPU measures bf16 against fp32; tests inject the measurement (bf16 at 0.5x,
-    so auto is float32) instead of depending on the host's CPU. tests/test_device.py varies it."""
+def cpu_probes_injected(monkeypatch):
+    """The CPU probes' measurements are injected instead of depending on the host's CPU: --dtype
+    auto's bf16 against fp32 (bf16 at 0.5x, so auto is float32) and decoding's few-row layout.
+    tests/test_device.py varies them."""
     from storyseek import device
 
     monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes: 0.5)
+    # Decoding's few-row layout (model/linear.py): weight-major up to 8 rows, so every decode test runs it.
+    monkeypatch.setattr(device, "measure_weight_major_rows", lambda weights: 8)
     monkeypatch.setenv("STORYSEEK_NO_CACHE", "1")

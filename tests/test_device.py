@@ -80,3 +80,19 @@ def test_cuda_auto_keeps_bf16_without_a_probe(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     dtype, why = resolve_dtype("auto", torch.device("cuda"))
     assert dtype == torch.float16 and "gradient scaler" in why
+
+
+def test_the_decode_layout_probe_is_cached_and_the_real_one_returns_a_probed_row_count(monkeypatch, tmp_path):
+    monkeypatch.delenv("STORYSEEK_NO_CACHE")
+    monkeypatch.setenv("STORYSEEK_CACHE_DIR", str(tmp_path))
+    head = torch.randn(1000, 64)
+    weights = [head, torch.randn(96, 64), head]  # a tied head is one weight
+    seen = []
+    monkeypatch.setattr(device, "measure_weight_major_rows", lambda ws: seen.append(len(ws)) or 4)
+    assert device.weight_major_rows(weights) == (4, False)
+    assert device.weight_major_rows(weights) == (4, True) and seen == [2]
+    assert device.weight_major_rows([w.bfloat16() for w in weights]) == (4, False)  # per dtype
+    key = next(k for k in json.loads((tmp_path / "dtype_probe.json").read_text()) if "bfloat16" not in k)
+    assert "weight-major torch.float32 96x64,1000x64" in key
+    monkeypatch.undo()
+    assert device.measure_weight_major_rows(weights[:2]) in (0, *device.WEIGHT_MAJOR_PROBE_ROWS)

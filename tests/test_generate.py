@@ -7,6 +7,7 @@ import torch
 from storyseek.generate.decode import PROBE_STEPS, DecodeStats, GenerateConfig, _Decoder, decode, generate_ids
 from storyseek.generate.sampling import SamplingConfig, probabilities, speculative_accept
 from storyseek.model import Transformer, get_preset
+from storyseek.model.linear import set_weight_major_rows
 
 MICRO = get_preset("tiny").replace(
     vocab_size=128, block_size=48, n_layer=2, n_head=2, n_embd=64, kv_lora_rank=32, qk_nope_head_dim=16,
@@ -50,8 +51,11 @@ def _modes(model, prompts, max_tokens, stop_ids=()):
     return out
 
 
-def test_greedy_no_cache_cache_speculative_identical_random_weights(random_model):
+@pytest.mark.parametrize("weight_major_rows", [0, 8])  # decoding's few-row layout off / on (model/linear.py)
+def test_greedy_no_cache_cache_speculative_identical_random_weights(random_model, weight_major_rows):
+    set_weight_major_rows(random_model, weight_major_rows)
     out = _modes(random_model, PROMPTS, 30)
+    set_weight_major_rows(random_model, 0)
     ref = out["no-cache"][0]
     assert [len(r) for r in ref] == [30, 30, 30]
     assert out["cache"][0] == ref

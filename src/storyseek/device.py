@@ -13,6 +13,9 @@
     model, thread count, torch version and shapes in ~/.cache/storyseek/dtype_probe.json
     (STORYSEEK_CACHE_DIR moves it, STORYSEEK_NO_CACHE=1 turns the cache off).
   - MPS: float32.
+
+Decoding on a CPU also measures how its few-row products run fastest (model/linear.py): the row
+count up to which `weight @ x^T` beats `x @ weight^T` for the model's own weights, cached the same way.
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ import torch
 
 from .errors import StoryseekError
 from .files import atomic_write
+from .model.linear import weight_major
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BF16_MARGIN = 1.15  # bf16 must be this much faster than fp32 to be chosen
 PROBE_SECONDS = 0.5
 PROBE_FLOPS = 1e8  # per timed matmul: rows are cut so one takes milliseconds
+WEIGHT_MAJOR_PROBE_ROWS = (1, 2, 4, 8)  # decode batches the layout probe times
+WEIGHT_MAJOR_MARGIN = 1.1  # weight-major must be this much faster to be used
 
 Shape = tuple[int, int, int]  # (rows, in, out) of a matmul x[rows, in] @ w[in, out]
 
@@ -101,22 +107,39 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def bf16_speedup(shapes: Sequence[Shape], measure: Callable[[Sequence[Shape]], float] | None = None) -> tuple[float, bool]:
     """(fp32 time / bf16 time for `shapes` on this CPU, whether it came from the cache)."""
     shapes = [_probe_shape(s) for s in shapes or [(1024, 512, 2048)]]
-    key = f"{_cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | " + \
-          ",".join("x".join(map(str, s)) for s in shapes)
+    key = ",".join("x".join(map(str, s)) for s in shapes)
+    return _cached(key, lambda: round((measure or measure_bf16_speedup)(shapes), 3))
+
+
+def weight_major_rows(weights: Sequence[torch.Tensor],
+                      measure: Callable[[Sequence[torch.Tensor]], int] | None = None) -> tuple[int, bool]:
+    """(the row count up to which products with these [out, in] weights run faster weight-major on
+    this CPU (0: never), whether it came from the cache)."""
+    weights = list({w.data_ptr(): w.detach() for w in weights}.values())  # a tied head counts once
+    shapes = sorted({tuple(w.shape) for w in weights})
+    key = f"weight-major {weights[0].dtype} " + ",".join("x".join(map(str, s)) for s in shapes) + \
+          f" ({sum(w.numel() for w in weights)} weights)"
+    return _cached(key, lambda: int((measure or measure_weight_major_rows)(weights)))
+
+
+def _cached(key: str, measure: Callable[[], float]) -> tuple[float, bool]:
+    """A probe's result for this machine (CPU model, threads, torch version) and `key`: from the
+    cache file, or measured now and stored. -> (result, whether it came from the cache)."""
+    key = f"{_cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {key}"
     path = _cache_path()
     cache = _read_cache(path) if path else {}
     if key in cache:
         return cache[key], True
-    speedup = round((measure or measure_bf16_speedup)(shapes), 3)
+    value = measure()
     if path:
-        cache[key] = speedup
+        cache[key] = value
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(path, "w") as f:
                 json.dump(cache, f, indent=1)
         except OSError:
             pass  # a read-only home: measure again next time
-    return speedup, False
+    return value, False
 
 
 def measure_bf16_speedup(shapes: Sequence[Shape], seconds: float = PROBE_SECONDS) -> float:
@@ -136,6 +159,28 @@ def measure_bf16_speedup(shapes: Sequence[Shape], seconds: float = PROBE_SECONDS
             best[dtype] = min(best[dtype], time.perf_counter() - t)
         rounds += 1
     return best[torch.float32] / best[torch.bfloat16]
+
+
+def measure_weight_major_rows(weights: Sequence[torch.Tensor]) -> int:
+    """Time every weight's product with 1, 2, 4, 8 rows of input both ways (three rounds, the best
+    of each): the largest row count up to which weight @ x^T is WEIGHT_MAJOR_MARGIN faster. Going
+    through all of a model's weights reads them from memory, as a decode step does."""
+    forms = (lambda x, w: x @ w.T, weight_major)
+    chosen = 0
+    with torch.inference_mode():
+        for rows in WEIGHT_MAJOR_PROBE_ROWS:
+            inputs = {n: torch.randn(rows, n, dtype=weights[0].dtype) for n in {w.shape[1] for w in weights}}
+            best = [float("inf")] * len(forms)
+            for _ in range(3):
+                for i, form in enumerate(forms):
+                    t = time.perf_counter()
+                    for w in weights:
+                        form(inputs[w.shape[1]], w)
+                    best[i] = min(best[i], time.perf_counter() - t)
+            if best[0] < WEIGHT_MAJOR_MARGIN * best[1]:
+                break
+            chosen = rows
+    return chosen
 
 
 def _probe_shape(shape: Shape) -> Shape:

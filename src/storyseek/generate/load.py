@@ -8,16 +8,18 @@ import torch
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..data.tokenizer import Tokenizer
-from ..device import resolve_device, resolve_dtype
+from ..device import resolve_device, resolve_dtype, weight_major_rows
 from ..errors import StoryseekError
 from ..model import Transformer
+from ..model.linear import Linear, set_weight_major_rows
 
 
 def to_inference(model: Transformer, dtype: torch.dtype) -> Transformer:
     """Eval mode in `dtype`, keeping in fp32 what must stay precise: the router (its weight and
     balancing bias, as DeepSeek-V3 does: bf16 rounding can flip the top-k near a tie) and the RoPE
     tables (bf16 angles drift at long positions). Both are set aside before the cast and put back
-    as they were, bit for bit: casting to bf16 and back would round them."""
+    as they were, bit for bit: casting to bf16 and back would round them. On a CPU, the decode
+    step's few-row products take the layout measured fastest for these weights (model/linear.py)."""
     rope = model.rope_cos, model.rope_sin
     routers = [(moe.gate, {k: v.detach().clone() for k, v in moe.gate.state_dict().items()})
                for moe in model.moe_layers()]
@@ -25,6 +27,9 @@ def to_inference(model: Transformer, dtype: torch.dtype) -> Transformer:
     model.rope_cos, model.rope_sin = (t.to(model.rope_cos.device) for t in rope)
     for gate, exact in routers:
         gate.float().load_state_dict(exact)
+    if model.embed.weight.device.type == "cpu":
+        weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
+        set_weight_major_rows(model, weight_major_rows(weights)[0])
     return model
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .linear import Linear
 from .mla import CacheStep, apply_rope
 
 
@@ -63,10 +64,10 @@ class MHA(nn.Module):
         self.n_head = cfg.n_head
         self.d_n, self.d_r, self.d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         qk_head_dim = self.d_n + self.d_r
-        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * qk_head_dim, bias=False)
-        self.wk = nn.Linear(cfg.n_embd, cfg.n_head * qk_head_dim, bias=False)
-        self.wv = nn.Linear(cfg.n_embd, cfg.n_head * self.d_v, bias=False)
-        self.wo = nn.Linear(cfg.n_head * self.d_v, cfg.n_embd, bias=False)
+        self.wq = Linear(cfg.n_embd, cfg.n_head * qk_head_dim, bias=False)
+        self.wk = Linear(cfg.n_embd, cfg.n_head * qk_head_dim, bias=False)
+        self.wv = Linear(cfg.n_embd, cfg.n_head * self.d_v, bias=False)
+        self.wo = Linear(cfg.n_head * self.d_v, cfg.n_embd, bias=False)
         self.softmax_scale = qk_head_dim**-0.5
         self.dropout = cfg.dropout
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .linear import Linear
 from .norm import RMSNorm
 
 
@@ -130,15 +131,15 @@ class MLA(nn.Module):
         self.d_c = cfg.kv_lora_rank
         qk_head_dim = self.d_n + self.d_r
         if cfg.q_lora_rank > 0:
-            self.wq_a = nn.Linear(cfg.n_embd, cfg.q_lora_rank, bias=False)
+            self.wq_a = Linear(cfg.n_embd, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_head * qk_head_dim, bias=False)
+            self.wq_b = Linear(cfg.q_lora_rank, cfg.n_head * qk_head_dim, bias=False)
         else:
-            self.wq = nn.Linear(cfg.n_embd, cfg.n_head * qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(cfg.n_embd, self.d_c + self.d_r, bias=False)
+            self.wq = Linear(cfg.n_embd, cfg.n_head * qk_head_dim, bias=False)
+        self.wkv_a = Linear(cfg.n_embd, self.d_c + self.d_r, bias=False)
         self.kv_norm = RMSNorm(self.d_c, cfg.norm_eps)
-        self.wkv_b = nn.Linear(self.d_c, cfg.n_head * (self.d_n + self.d_v), bias=False)
-        self.wo = nn.Linear(cfg.n_head * self.d_v, cfg.n_embd, bias=False)
+        self.wkv_b = Linear(self.d_c, cfg.n_head * (self.d_n + self.d_v), bias=False)
+        self.wo = Linear(cfg.n_head * self.d_v, cfg.n_embd, bias=False)
         self.softmax_scale = qk_head_dim**-0.5
         self.dropout = cfg.dropout
 

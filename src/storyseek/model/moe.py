@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .linear import Linear
 
 
 # Rows per expert group in the grouped GEMM buffer: 16 bytes of bf16, the alignment grouped GEMM
@@ -39,9 +40,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate_proj
-        self.w2 = nn.Linear(hidden, dim, bias=False)  # down_proj
-        self.w3 = nn.Linear(dim, hidden, bias=False)  # up_proj
+        self.w1 = Linear(dim, hidden, bias=False)  # gate_proj
+        self.w2 = Linear(hidden, dim, bias=False)  # down_proj
+        self.w3 = Linear(dim, hidden, bias=False)  # up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

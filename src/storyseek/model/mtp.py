@@ -18,6 +18,7 @@ from torch import nn
 
 from .block import Block
 from .config import ModelConfig
+from .linear import Linear
 from .norm import RMSNorm
 
 
@@ -26,7 +27,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.eh_proj = Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
         self.block = Block(cfg, moe=cfg.ffn == "moe")
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)  # transformers: shared_head.norm
 
