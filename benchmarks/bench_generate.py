@@ -86,9 +86,11 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
 
 def bytes_per_step(model: Transformer, batch: int) -> float:
     """Weight bytes one decode step reads for `batch` tokens (one per row): every trunk weight but
-    the embedding table (one row per token) and the MTP module (plain decoding never runs it); of a
-    MoE layer's routed experts, those the batch is expected to choose: E (1 - (1 - k/E)^batch)."""
-    total = 0.0
+    the embedding table (one row per token) and the MTP module (plain decoding never runs it), the
+    whole head (tied to the embedding, named_parameters lists it once, as embed.weight); of a MoE
+    layer's routed experts, those the batch is expected to choose: E (1 - (1 - k/E)^batch)."""
+    head = model.head.weight
+    total = float(head.numel() * head.element_size()) if head is model.embed.weight else 0.0
     for name, p in model.named_parameters():
         if name.startswith(("mtp.", "embed.")) or ".experts." in name:
             continue
