@@ -32,6 +32,7 @@ from storyseek.generate.load import to_inference
 from storyseek.generate.sampling import SamplingConfig
 from storyseek.model import Transformer, get_preset
 from storyseek.model.info import cache_bytes_per_token
+from storyseek.model.linear import set_weight_major_rows
 from storyseek.model.moe import MoE
 
 GREEDY = SamplingConfig(temperature=0)
@@ -102,6 +103,16 @@ def bytes_per_step(model: Transformer, batch: int) -> float:
     return total + batch * model.cfg.n_embd * model.embed.weight.element_size()
 
 
+def without_weight_major(model: Transformer, fn):
+    """fn() with every product in nn.Linear's x W^T layout (model/linear.py), then the measured layout back."""
+    rows = model.head.weight_major_rows
+    set_weight_major_rows(model, 0)
+    try:
+        return fn()
+    finally:
+        set_weight_major_rows(model, rows)
+
+
 def weight_limit(model: Transformer, batch: int, bandwidth: float) -> float:
     """tokens/s at which reading the weights alone would take all the time."""
     return bandwidth / (bytes_per_step(model, batch) / batch)
@@ -145,6 +156,9 @@ def run(quick: bool = False, repeats: int = 3, new_tokens: int | None = None, ba
             if no_cache and dt == "float32" and batch == 1:  # batch 8 x 256 steps of full forwards: minutes
                 configs.append((f"storyseek no cache (reference), {dt}", dt, lambda m=m: time_ours(m, batch, new_tokens, prompt, use_cache=False)))
             configs.append((f"storyseek latent cache, {dt}", dt, lambda m=m: time_ours(m, batch, new_tokens, prompt, speculative=False)))
+            if m.head.weight_major_rows:  # the same path with nn.Linear's x W^T for every product
+                configs.append((f"storyseek latent cache, {dt}, x W^T layout", dt,
+                                lambda m=m: without_weight_major(m, lambda: time_ours(m, batch, new_tokens, prompt, speculative=False))))
             configs.append((f"storyseek cache + MTP speculative (random MTP), {dt}", dt,
                             lambda m=m: time_ours(m, batch, new_tokens, prompt, speculative=True)))
         samples: dict[str, list] = {name: [] for name, _, _ in configs}
@@ -168,6 +182,7 @@ def run(quick: bool = False, repeats: int = 3, new_tokens: int | None = None, ba
 
     out = {"preset": "tiny" if quick else "default", "new_tokens": new_tokens, "prompt_tokens": PROMPT_LEN,
            "device": device, "threads": torch.get_num_threads(), "rows": rows,
+           "weight_major_rows": {dt: m.head.weight_major_rows for dt, m in models.items()},
            "bandwidth_gb_s": bandwidth / 1e9,
            "weight_mb_per_token": {dt: {b: bytes_per_step(m, b) / b / 1e6 for b in batches} for dt, m in models.items()},
            "kv_cache_bytes_per_token": {
@@ -229,6 +244,8 @@ def ratio(rows, batch, num, den):
 def markdown(res: dict) -> str:
     lines = [f"preset {res['preset']}, prompt {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens, greedy, "
              f"{res['device']}, {res['threads']} threads, medians", "",
+             "decode layout (model/linear.py, measured): weight-major up to "
+             + ", ".join(f"{n} rows in {dt}" for dt, n in res["weight_major_rows"].items()), "",
              f"memory read bandwidth measured in this run: {res['bandwidth_gb_s']:.1f} GB/s; weights read per token: "
              + ", ".join(f"{dt} batch {b}: {mb:.1f} MB" for dt, per in res["weight_mb_per_token"].items() for b, mb in per.items()),
              "", "| batch | path | tokens/s | share of weight-read limit | first token (ms) | MTP acceptance |",
