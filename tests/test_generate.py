@@ -186,3 +186,13 @@ def test_bfloat16_cache_decodes(random_model):
     rows = generate_ids(model, PROMPTS, cfg)
     assert [len(r) for r in rows] == [10, 10, 10]
     assert model.rope_cos.dtype == torch.float32 and model.moe_layers()[0].gate.weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_writes_the_same_greedy_tokens(random_model):
+    """--compile: torch.compile (inductor) runs the plain and the speculative steps."""
+    for spec in (False, True):
+        eager = generate_ids(random_model, PROMPTS, GenerateConfig(max_tokens=20, sampling=GREEDY, speculative=spec))
+        compiled = generate_ids(random_model, PROMPTS,
+                                GenerateConfig(max_tokens=20, sampling=GREEDY, speculative=spec, compile=True))
+        assert compiled == eager

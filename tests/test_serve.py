@@ -207,10 +207,12 @@ def test_stop_strings_n_and_echo(server):
 
 
 # --------------------------------------------------------------------- batching
-@pytest.mark.parametrize("attention", ["mla", "mha"])
-def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, one_thread):
+@pytest.mark.parametrize("attention, compile", [("mla", False), ("mha", False),
+                                                pytest.param("mla", True, marks=pytest.mark.slow)])
+def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, compile, one_thread):
     """Rows joining a running batch, a middle row leaving (the last one moves into its slot), a row
-    sliding past the context: every row's greedy tokens are the ones `generate` gives it alone."""
+    sliding past the context: every row's greedy tokens are the ones `generate` gives it alone
+    (also with the decode step compiled, `serve --compile`)."""
     from storyseek.generate.config import GenerateConfig, SamplingConfig
     from storyseek.generate.decode import generate_ids
     from storyseek.generate.load import load_model
@@ -226,7 +228,7 @@ def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, one_thread):
     rows = [Row(prompt=tok.encode(p), max_tokens=n, sampling=greedy, stop_ids=frozenset(), raw=True) for p, n in asks]
     alone = [generate_ids(model, [r.prompt], GenerateConfig(max_tokens=r.max_tokens, sampling=greedy, speculative=False),
                           vocab_size=tok.vocab_size)[0] for r in rows]
-    engine = Engine(model, tok, max_batch=3)
+    engine = Engine(model, tok, max_batch=3, compile=compile)
     waiting = list(rows)
     for step in range(200):
         if waiting and engine.free and step % 3 == 0:  # join every third step while a slot is free

@@ -96,6 +96,10 @@ class _Decoder:
         self.V, self.stop_ids, self.stats = vocab_size, frozenset(stop_ids), stats
         self.block = model.cfg.block_size
         self.speculative = cfg.use_speculative(model)
+        # Decode steps (one token per row, or a 2-token verify) through torch.compile with dynamic
+        # shapes: the attended length and the batch change every step without recompiling. Prefills
+        # stay eager (one per prompt). Compiled code is cached per process, keyed on this model.
+        self.forward_step = torch.compile(model, dynamic=True) if cfg.compile else model
         self.device = model.embed.weight.device
         self.gen = torch.Generator(device=self.device)
         if cfg.seed is None:
@@ -209,7 +213,7 @@ class _Decoder:
                     self._slide(cache, r)
                     pos[r] = len(self.seqs[r]) - 1
             length = max(min(len(s), self.block) for s in self.seqs)
-            out = self.model(tok[:, None], cache=cache, pos=pos[:, None], length=length)
+            out = self.forward_step(tok[:, None], cache=cache, pos=pos[:, None], length=length)
             tok, _ = self._choose(self._logits(out.logits[:, -1]), self.seen)
             pos = (pos + 1).clamp_(max=self.block - 1)  # finished rows run on harmlessly, in range
             yield self._accept([[t] for t in tok.tolist()])
@@ -256,7 +260,7 @@ class _Decoder:
             if probe is not None and len(probe["plain"]) <= len(probe["speculative"]):
                 # A plain step, timed up to its read-back; then MTP catches up on (h_{n-1}, t_n) untimed.
                 step = CacheStep.build(pos[:, None], length - 1)
-                out = model(tok[:, None], cache=cache, pos=step.pos, length=length - 1)
+                out = self.forward_step(tok[:, None], cache=cache, pos=step.pos, length=length - 1)
                 tok, _ = self._choose(self._logits(out.logits[:, -1]), self.seen)
                 new = [[t] for t in tok.tolist()]
                 probe["plain"].append(time.perf_counter() - started)
@@ -269,7 +273,7 @@ class _Decoder:
             draft, q = self._choose(draft_logits, seen)
             # Verify: the main model on [t_{n-1}, d] at [n-1, n] gives p(t_n) and p(t_{n+1} | d).
             step = CacheStep.build(torch.stack([pos, pos + 1], dim=1), length)
-            out = model(torch.stack([tok, draft], dim=1), cache=cache, pos=step.pos, length=length)
+            out = self.forward_step(torch.stack([tok, draft], dim=1), cache=cache, pos=step.pos, length=length)
             logits = self._logits(out.logits)  # [B, 2, V]
             seen2 = None
             if seen is not None:

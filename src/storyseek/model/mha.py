@@ -38,7 +38,6 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_head: int, qk_head_dim: int, v_head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.max_len = max_len
         self.k = torch.zeros(n_layers, batch, max_len, n_head, qk_head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(n_layers, batch, max_len, n_head, v_head_dim, dtype=dtype, device=device)
 

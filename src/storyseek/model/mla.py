@@ -75,9 +75,9 @@ class CacheStep:
 class LatentCache:
     """Per-layer compressed KV latents and rotary keys, preallocated for `max_len` positions.
 
-    latent: [n_layers, batch, max_len, kv_lora_rank + qk_rope_head_dim], one tensor so a decode step
-            writes each layer once and scores [q_lat ; q_r] . [c ; k_r] in one matmul;
-    kv, pe: views of it, [..., :kv_lora_rank] (already kv_norm'ed) and [..., kv_lora_rank:] (rotated).
+    latent: [n_layers, batch, max_len, kv_lora_rank + qk_rope_head_dim]: per position [c ; k_r], the
+            kv_norm'ed latent and the rotated key, one tensor so a decode step writes each layer once
+            and scores [q_lat ; q_r] . [c ; k_r] in one matmul.
     Writes go to explicit positions, so rolling back (a rejected speculative draft) needs no copy:
     the next write simply overwrites, and attention only reads positions <= the query's own. Rows
     are independent sequences: a server can keep one cache of `batch` slots, prefill a new request
@@ -87,24 +87,11 @@ class LatentCache:
 
     def __init__(self, n_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.max_len = max_len
         self.latent = torch.zeros(n_layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
-        self.kv_lora_rank = kv_lora_rank
-
-    @property
-    def kv(self) -> torch.Tensor:
-        return self.latent[..., : self.kv_lora_rank]
-
-    @property
-    def pe(self) -> torch.Tensor:
-        return self.latent[..., self.kv_lora_rank :]
 
     @property
     def batch(self) -> int:
         return self.latent.shape[1]
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv[i], self.pe[i]
 
     def narrow(self, row: int, n: int = 1) -> "LatentCache":
         """A view of rows [row, row + n): writes through it land in this cache (prefilling one

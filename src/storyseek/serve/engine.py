@@ -67,8 +67,11 @@ class Output:
 class Engine:
     """The decode batch. Not thread-safe: one thread (the scheduler's decode loop) drives it."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        # Decode steps through torch.compile (dynamic shapes: the batch and the attended length
+        # change every step); prefills stay eager.
+        self.forward_step = torch.compile(model, dynamic=True) if compile else model
         self.V = tokenizer.vocab_size  # ids >= it are the embedding's padding: never sampled
         self.block = model.cfg.block_size
         self.device = model.embed.weight.device
@@ -77,6 +80,16 @@ class Engine:
         self.rows: list[Row] = []  # rows[i] lives in cache slot i
         self._streams: dict[int, TextStream] = {}
         self._generators: dict[int, torch.Generator] = {}
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile before the first request: a step of one row and one of two (torch.compile
+        specializes a batch of 1), written at position 0 of slots a prefill will overwrite."""
+        with torch.inference_mode():
+            for B in (1, 2)[: self.max_batch]:
+                zeros = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+                self.forward_step(zeros, cache=self.cache.narrow(0, B), pos=zeros, length=1)
 
     @property
     def free(self) -> int:
@@ -126,7 +139,7 @@ class Engine:
             positions = [len(r.tokens) - 1 for r in self.rows]
             idx = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)  # [B, 1]
             pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # [B, 1]
-            logits = self.model(idx, cache=self.cache.narrow(0, B), pos=pos,
+            logits = self.forward_step(idx, cache=self.cache.narrow(0, B), pos=pos,
                                 length=max(positions) + 1).logits[:, -1]  # [B, vocab]
             return self._advance(self.rows, logits)
 
