@@ -43,7 +43,7 @@ def cpu_probes_injected(monkeypatch):
     tests/test_device.py varies them."""
     from storyseek import device
 
-    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes: 0.5)
+    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes, **kw: 0.5)
     # Decoding's few-row layout (model/linear.py): weight-major up to 8 rows, so every decode test runs it.
     monkeypatch.setattr(device, "measure_weight_major_rows", lambda weights: 8)
     monkeypatch.setenv("STORYSEEK_NO_CACHE", "1")

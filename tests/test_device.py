@@ -19,7 +19,7 @@ SHAPES = [(512, 64, 1000), (512, 64, 96)]
     (1.9, torch.bfloat16, "bf16 1.9x faster than fp32 here (measured just now): bfloat16"),
 ])
 def test_auto_on_cpu_follows_the_measurement(monkeypatch, speedup, dtype, line):
-    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes: speedup)
+    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes, **kw: speedup)
     assert resolve_dtype("auto", CPU, SHAPES) == (dtype, line)
 
 
@@ -27,7 +27,7 @@ def test_the_measurement_is_cached_per_machine_and_torch(monkeypatch, tmp_path):
     monkeypatch.delenv("STORYSEEK_NO_CACHE")
     monkeypatch.setenv("STORYSEEK_CACHE_DIR", str(tmp_path))
     calls = []
-    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes: calls.append(shapes) or 1.9)
+    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes, decode: calls.append(decode) or 1.9)
     assert bf16_speedup(SHAPES) == (1.9, False)
     assert bf16_speedup(SHAPES) == (1.9, True) and len(calls) == 1  # the second run reads the cache
     assert resolve_dtype("auto", CPU, SHAPES)[1].endswith("(cached measurement): bfloat16")
@@ -35,6 +35,7 @@ def test_the_measurement_is_cached_per_machine_and_torch(monkeypatch, tmp_path):
     assert torch.__version__ in key and f"{torch.get_num_threads()} threads" in key
     bf16_speedup([(64, 64, 64)])  # other shapes: measured anew
     assert len(calls) == 2
+    assert bf16_speedup(SHAPES, decode=True) == (1.9, False) and calls[-1] is True  # decoding's layouts: its own entry
     (tmp_path / "dtype_probe.json").write_text("not json")  # a damaged cache is measured again, not fatal
     assert bf16_speedup(SHAPES) == (1.9, False)
 
@@ -48,6 +49,7 @@ def test_the_real_probe_is_short_and_never_touches_the_home_cache(monkeypatch, t
     t = time.perf_counter()
     ratio = measure_bf16_speedup([(4096, 512, 50304)])
     assert ratio > 0 and time.perf_counter() - t < 5  # ~0.5 s (big shapes are cut), room for a busy machine
+    assert measure_bf16_speedup([(1, 64, 300)], seconds=0.05, decode=True) > 0
     assert not (tmp_path / "dtype_probe.json").exists()  # measuring alone caches nothing
 
 
@@ -74,7 +76,7 @@ def test_device_auto_and_bad_devices(monkeypatch):
 
 
 def test_cuda_auto_keeps_bf16_without_a_probe(monkeypatch):
-    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes: pytest.fail("no probe on CUDA"))
+    monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes, **kw: pytest.fail("no probe on CUDA"))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_dtype("auto", torch.device("cuda"))[0] == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)

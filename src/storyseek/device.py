@@ -66,9 +66,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device, shapes: Sequence[Shape] = ()) -> tuple[torch.dtype, str]:
+def resolve_dtype(name: str, device: torch.device, shapes: Sequence[Shape] = (),
+                  decode: bool = False) -> tuple[torch.dtype, str]:
     """(compute dtype, why) for `--dtype name` on `device`; `shapes` are the model's matmuls that
-    the CPU probe times. StoryseekError when the device cannot compute in that dtype."""
+    the CPU probe times (`decode`: few-row products, each dtype in its faster layout).
+    StoryseekError when the device cannot compute in that dtype."""
     kind = device.type
     if name == "auto":
         if kind == "cuda":
@@ -76,7 +78,7 @@ def resolve_dtype(name: str, device: torch.device, shapes: Sequence[Shape] = ())
                 return torch.bfloat16, "bfloat16 (CUDA GPU with bf16)"
             return torch.float16, "float16 with a gradient scaler (CUDA GPU without bf16)"
         if kind == "cpu":
-            speedup, cached = bf16_speedup(shapes)
+            speedup, cached = bf16_speedup(shapes, decode)
             source = "cached measurement" if cached else "measured just now"
             if speedup >= BF16_MARGIN:
                 return torch.bfloat16, f"bf16 {speedup:.1f}x faster than fp32 here ({source}): bfloat16"
@@ -104,22 +106,22 @@ def autocast(device: torch.device, dtype: torch.dtype):
 # ------------------------------------------------------------------------------ the CPU probe
 
 
-def bf16_speedup(shapes: Sequence[Shape], measure: Callable[[Sequence[Shape]], float] | None = None) -> tuple[float, bool]:
-    """(fp32 time / bf16 time for `shapes` on this CPU, whether it came from the cache)."""
+def bf16_speedup(shapes: Sequence[Shape], decode: bool = False) -> tuple[float, bool]:
+    """(fp32 time / bf16 time for `shapes` on this CPU, whether it came from the cache); `decode`:
+    each dtype in its faster few-row layout (see measure_bf16_speedup)."""
     shapes = [_probe_shape(s) for s in shapes or [(1024, 512, 2048)]]
-    key = ",".join("x".join(map(str, s)) for s in shapes)
-    return _cached(key, lambda: round((measure or measure_bf16_speedup)(shapes), 3))
+    key = ",".join("x".join(map(str, s)) for s in shapes) + (" decode" if decode else "")
+    return _cached(key, lambda: round(measure_bf16_speedup(shapes, decode=decode), 3))
 
 
-def weight_major_rows(weights: Sequence[torch.Tensor],
-                      measure: Callable[[Sequence[torch.Tensor]], int] | None = None) -> tuple[int, bool]:
+def weight_major_rows(weights: Sequence[torch.Tensor]) -> tuple[int, bool]:
     """(the row count up to which products with these [out, in] weights run faster weight-major on
     this CPU (0: never), whether it came from the cache)."""
     weights = list({w.data_ptr(): w.detach() for w in weights}.values())  # a tied head counts once
     shapes = sorted({tuple(w.shape) for w in weights})
     key = f"weight-major {weights[0].dtype} " + ",".join("x".join(map(str, s)) for s in shapes) + \
           f" ({sum(w.numel() for w in weights)} weights)"
-    return _cached(key, lambda: int((measure or measure_weight_major_rows)(weights)))
+    return _cached(key, lambda: int(measure_weight_major_rows(weights)))
 
 
 def _cached(key: str, measure: Callable[[], float]) -> tuple[float, bool]:
@@ -142,30 +144,39 @@ def _cached(key: str, measure: Callable[[], float]) -> tuple[float, bool]:
     return value, False
 
 
-def measure_bf16_speedup(shapes: Sequence[Shape], seconds: float = PROBE_SECONDS) -> float:
-    """Time x @ w for each shape in fp32 and bf16, in alternating rounds for about `seconds`;
-    the best time per dtype over the rounds (the least disturbed by other processes)."""
+def measure_bf16_speedup(shapes: Sequence[Shape], seconds: float = PROBE_SECONDS, decode: bool = False) -> float:
+    """Time x w^T for each shape in fp32 and bf16, in alternating rounds for about `seconds`; the
+    best time per product over the rounds (the least disturbed by other processes). `decode`: each
+    product is also timed weight-major (model/linear.py) and each dtype counts its faster layout,
+    as decoding will run it."""
     shapes = [_probe_shape(s) for s in shapes]
-    pairs = {dtype: [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+    forms = (_x_wt, weight_major) if decode else (_x_wt,)
+    pairs = {dtype: [(torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)) for m, k, n in shapes]
              for dtype in (torch.float32, torch.bfloat16)}
-    best = {dtype: float("inf") for dtype in pairs}
+    best = {(dtype, i, form): float("inf") for dtype in pairs for i in range(len(shapes)) for form in forms}
     start = time.perf_counter()
     rounds = 0
     while rounds < 2 or (time.perf_counter() - start < seconds and rounds < 50):
         for dtype, mats in pairs.items():
-            t = time.perf_counter()
-            for x, w in mats:
-                x @ w
-            best[dtype] = min(best[dtype], time.perf_counter() - t)
+            for i, (x, w) in enumerate(mats):
+                for form in forms:
+                    t = time.perf_counter()
+                    form(x, w)
+                    best[dtype, i, form] = min(best[dtype, i, form], time.perf_counter() - t)
         rounds += 1
-    return best[torch.float32] / best[torch.bfloat16]
+    total = {dtype: sum(min(best[dtype, i, form] for form in forms) for i in range(len(shapes))) for dtype in pairs}
+    return total[torch.float32] / total[torch.bfloat16]
+
+
+def _x_wt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x @ w.T
 
 
 def measure_weight_major_rows(weights: Sequence[torch.Tensor]) -> int:
     """Time every weight's product with 1, 2, 4, 8 rows of input both ways (three rounds, the best
     of each): the largest row count up to which weight @ x^T is WEIGHT_MAJOR_MARGIN faster. Going
     through all of a model's weights reads them from memory, as a decode step does."""
-    forms = (lambda x, w: x @ w.T, weight_major)
+    forms = (_x_wt, weight_major)
     chosen = 0
     with torch.inference_mode():
         for rows in WEIGHT_MAJOR_PROBE_ROWS:

@@ -45,7 +45,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> t
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise StoryseekError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only "
                              f"{model.cfg.vocab_size} embeddings")
-    # auto on a CPU times a decode step's matmuls (a few rows) in fp32 and bf16
+    # auto on a CPU times a decode step's matmuls (a few rows) in fp32 and bf16, each in its faster layout
     cfg = model.cfg
     shapes = [(8, cfg.n_embd, cfg.vocab_size), (8, cfg.n_embd, cfg.moe_inter_dim)]
-    return to_inference(model, resolve_dtype(dtype, dev, shapes)[0]), tokenizer
+    return to_inference(model, resolve_dtype(dtype, dev, shapes, decode=True)[0]), tokenizer
