@@ -1,7 +1,6 @@
 """--device and --dtype: one meaning of auto; the CPU's bf16 choice measured (injected here), cached."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -100,15 +99,3 @@ def test_the_decode_layout_probe_is_cached_and_the_real_one_returns_a_probed_row
     monkeypatch.undo()
     assert device.measure_weight_major_rows(weights[:2]) in (0, *device.WEIGHT_MAJOR_PROBE_ROWS)
 
-
-@pytest.mark.parametrize("users, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_the_cli_makes_openmp_waiters_sleep_unless_the_user_chose(monkeypatch, capsys, users, expected):
-    """Spinning OpenMP waiters make a shared CPU crawl (see cli.main); a user's setting is kept."""
-    from storyseek.cli import main
-
-    if users is None:
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    else:
-        monkeypatch.setenv("OMP_WAIT_POLICY", users)
-    assert main(["info", "--preset", "tiny", "--json"]) == 0
-    assert os.environ["OMP_WAIT_POLICY"] == expected

@@ -319,11 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while they wait turn a shared CPU into a crawl: with two other
-    # processes on this project's 2 cores, a 2-thread decode of the demo's model ran 2.5-40x slower
-    # than with one thread, and at one thread's speed with sleeping waiters. Set before torch
-    # loads (commands import it lazily); the user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
