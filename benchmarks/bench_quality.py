@@ -1,7 +1,7 @@
 """Do MLA, MoE and MTP pay for themselves? Equal-budget training runs of four architectures.
 
     python benchmarks/bench_quality.py --quick        # ~10 minutes on 2 CPU cores: the method, not the answer
-    python benchmarks/bench_quality.py                # the README's table (~45 minutes on 2 quiet cores)
+    python benchmarks/bench_quality.py                # the README's table (~25 minutes on 2 quiet cores)
     python benchmarks/bench_quality.py --device cuda  # the default preset, longer, on a GPU
 
 Variants, each at the same *active* non-embedding parameters per token (the dense FFN width is
