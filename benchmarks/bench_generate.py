@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -306,6 +307,8 @@ def main() -> None:
                     help="train the tiny preset on stories this long for the trained-model rows (default 3, quick 0.5; 0 skips)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     args = ap.parse_args()
+    # Every probe measured in this run, none read from ~/.cache: the auto rows include auto's probe steps.
+    os.environ.setdefault("STORYSEEK_NO_CACHE", "1")
     res = run(args.quick, args.repeats, args.new_tokens, tuple(args.batches), not args.skip_no_cache, not args.skip_hf,
               args.device, args.train_minutes)
     print(json.dumps(res, indent=2) if args.json else markdown(res))

@@ -90,12 +90,29 @@ def test_auto_probes_both_paths_and_either_choice_keeps_greedy_output(trained_mo
 
 def test_auto_rule_compares_tokens_per_second():
     decoder = _Decoder.__new__(_Decoder)
-    decoder.stats = DecodeStats()
+    decoder.stats, decoder.auto_key = DecodeStats(), None
     probe = dict(plain=[1.0] * 3, speculative=[1.5, 1.5, 9.0], drafted=10)
     assert decoder._keep_speculative({**probe, "accepted": 9})  # 1.9 tokens per 1.5 s beats 1 per 1 s
     assert "speculative" in decoder.stats.auto and "90%" in decoder.stats.auto
     assert not decoder._keep_speculative({**probe, "accepted": 4})  # 1.4 tokens per 1.5 s
     assert "chose plain" in decoder.stats.auto
+
+
+def test_auto_caches_its_choice_per_model_so_a_seed_reproduces(trained_model, monkeypatch, tmp_path):
+    monkeypatch.delenv("STORYSEEK_NO_CACHE")
+    monkeypatch.setenv("STORYSEEK_CACHE_DIR", str(tmp_path))
+    cfg = GenerateConfig(max_tokens=30, sampling=SamplingConfig(temperature=1.0), seed=5)
+
+    def run(prompts):
+        stats = DecodeStats()
+        return generate_ids(trained_model, prompts, cfg, stats=stats), stats.auto
+
+    _, probed = run([[3, 4, 5]])
+    assert probed.startswith("auto chose") and "cached" not in probed
+    (a, again), (b, _) = run([[3, 4, 5]]), run([[3, 4, 5]])
+    assert "cached" in again and again.split()[2] == probed.split()[2]  # the same path, without probing
+    assert a == b  # so the seed reproduces the sampled text
+    assert "cached" not in run([[3, 4, 5], [9]])[1]  # another batch size is measured anew
 
 
 def test_speculative_rule_keeps_target_distribution():

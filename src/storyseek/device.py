@@ -125,23 +125,39 @@ def weight_major_rows(weights: Sequence[torch.Tensor]) -> tuple[int, bool]:
 
 
 def _cached(key: str, measure: Callable[[], float]) -> tuple[float, bool]:
-    """A probe's result for this machine (CPU model, threads, torch version) and `key`: from the
-    cache file, or measured now and stored. -> (result, whether it came from the cache)."""
-    key = f"{_cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {key}"
-    path = _cache_path()
-    cache = _read_cache(path) if path else {}
-    if key in cache:
-        return cache[key], True
+    """A probe's result for this machine and `key`: from the cache file, or measured now and
+    stored. -> (result, whether it came from the cache)."""
+    known = cached_probe(key)
+    if known is not None:
+        return known, True
     value = measure()
-    if path:
-        cache[key] = value
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(path, "w") as f:
-                json.dump(cache, f, indent=1)
-        except OSError:
-            pass  # a read-only home: measure again next time
+    store_probe(key, value)
     return value, False
+
+
+def cached_probe(key: str) -> float | None:
+    """What a probe measured for this machine (CPU model, threads, torch version) and `key`, or None."""
+    path = _cache_path()
+    return _read_cache(path).get(_machine_key(key)) if path else None
+
+
+def store_probe(key: str, value: float) -> None:
+    """Keep a probe's result for this machine and `key` (nothing where the cache is off or read-only)."""
+    path = _cache_path()
+    if not path:
+        return
+    cache = _read_cache(path)
+    cache[_machine_key(key)] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "w") as f:
+            json.dump(cache, f, indent=1)
+    except OSError:
+        pass  # a read-only home: measure again next time
+
+
+def _machine_key(key: str) -> str:
+    return f"{_cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {key}"
 
 
 def measure_bf16_speedup(shapes: Sequence[Shape], seconds: float = PROBE_SECONDS, decode: bool = False) -> float:

@@ -45,7 +45,8 @@ class GenerateConfig:
     num_samples: int = setting(1, "stories per prompt, decoded together as one batch")
     speculative: bool | None = setting(None, "MTP self-speculative decoding",
                                        default_text="auto: with MTP weights, the first steps time both paths "
-                                                    "and the faster one is kept")
+                                                    "and the faster one is kept, and remembered for this model "
+                                                    "on this machine")
     use_cache: bool = setting(True, "keep the latent KV cache between tokens; --no-cache recomputes the whole "
                                     "window every token (the slow reference path)", flag="cache")
     raw: bool = setting(False, "continue the prompt as plain text instead of placing it in the story template")

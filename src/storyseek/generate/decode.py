@@ -24,11 +24,14 @@ auto (speculative=None, the default for a model with MTP): the first steps alter
 speculative steps, timed up to their read-back, and decoding keeps the path with more tokens per
 second (a speculative step yields 1 + acceptance tokens). It measures the device, the model and the
 text at hand instead of assuming that drafting pays; DecodeStats.auto says what it chose and why.
-With sampling, a seed reproduces a run only on the same path: pin it with speculative=True/False.
+The choice is cached per machine, model, batch size and greedy/sampled (with --dtype auto's probe
+results), so later runs skip the probe and a seed reproduces them; the first run's sampled text
+depends on the path taken while probing (pin it with speculative=True/False).
 """
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from collections.abc import Collection, Iterator
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..device import cached_probe, store_probe
 from ..errors import StoryseekError
 from ..model import CacheStep, LatentCache, Transformer
 from .config import GenerateConfig
@@ -43,6 +47,16 @@ from .sampling import draw, probabilities, speculative_accept
 
 
 PROBE_STEPS = 6  # auto: plain and speculative steps each timed before keeping the faster path
+
+
+def _auto_key(model: Transformer, batch: int, greedy: bool) -> str:
+    """What auto's cached choice depends on: the model (its shape, dtype, device and a digest of its
+    MTP weights, which set the acceptance), the batch and greedy vs sampled decoding."""
+    w = model.mtp[0].eh_proj.weight.detach()
+    digest = hashlib.sha1(w.float().cpu().numpy().tobytes()).hexdigest()[:12]
+    c = model.cfg
+    return (f"speculative | {c.n_layer}x{c.n_embd} vocab {c.vocab_size} {w.dtype} {w.device.type} | mtp {digest} | "
+            f"batch {batch} | {'greedy' if greedy else 'sampled'}")
 
 
 @dataclass
@@ -96,6 +110,14 @@ class _Decoder:
         self.V, self.stop_ids, self.stats = vocab_size, frozenset(stop_ids), stats
         self.block = model.cfg.block_size
         self.speculative = cfg.use_speculative(model)
+        # auto: a choice this machine already measured for this model is reused (no probe steps, and
+        # a seed then reproduces the run); otherwise the first steps measure it and it is kept.
+        auto = cfg.speculative is None and self.speculative
+        self.auto_key = _auto_key(model, len(prompts), cfg.sampling.greedy) if auto else None
+        known = cached_probe(self.auto_key) if self.auto_key else None
+        if known is not None:
+            self.speculative, self.auto_key = bool(known), None
+            stats.auto = f"auto chose {'speculative' if known else 'plain'} decoding (measured for this model before, cached)"
         # Decode steps (one token per row, or a 2-token verify) through torch.compile with dynamic
         # shapes: the attended length and the batch change every step without recompiling. Prefills
         # stay eager (one per prompt). Compiled code is cached per process, keyed on this model.
@@ -248,7 +270,7 @@ class _Decoder:
         pos = last + 1  # [B]: where tok (t_{n-1}, unfed) goes
         yield self._accept([[t] for t in tok.tolist()])
         # auto: time plain and speculative steps, alternating, then keep the faster path.
-        probe = {"plain": [], "speculative": [], "drafted": 0, "accepted": 0} if self.cfg.speculative is None else None
+        probe = {"plain": [], "speculative": [], "drafted": 0, "accepted": 0} if self.auto_key else None
         while True:
             for r in range(len(self.seqs)):
                 if not self.done[r] and len(self.seqs[r]) + 1 > self.block:  # a verify writes at n-1 and n
@@ -313,6 +335,8 @@ class _Decoder:
         plain_s, spec_s = statistics.median(probe["plain"]), statistics.median(probe["speculative"])
         acceptance = probe["accepted"] / max(probe["drafted"], 1)
         keep = (1 + acceptance) / spec_s > 1 / plain_s
+        if self.auto_key:
+            store_probe(self.auto_key, float(keep))
         self.stats.auto = (f"auto chose {'speculative' if keep else 'plain'} decoding: a speculative step "
                            f"{spec_s * 1000:.1f} ms at {acceptance:.0%} acceptance, a plain step {plain_s * 1000:.1f} ms")
         return keep
