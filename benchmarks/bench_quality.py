@@ -30,8 +30,9 @@ Every run is a plain `storyseek train` / `storyseek eval` command (printed in th
 can be reproduced by hand. A CPU-second is not the same amount of work on an idle and on a loaded
 machine (caches and memory bandwidth are shared): the same command buys about 15% more steps on an idle
 one. `--steps-from RESULTS.json` reuses an earlier run's measured seconds per step, so every run
-trains exactly as many steps as it did; on one thread, with the same seeds, the numbers then repeat. Data: the real stories in ../shared/data (the script exits with a reason
-when they are absent), prepared once with a trained byte-level BPE.
+trains exactly as many steps as it did; on one thread, with the same seeds, the numbers then repeat.
+Data: the real stories in ../shared/data (the script exits with a reason when they are absent),
+prepared once with a trained byte-level BPE.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def run_one(job: dict, data_dir: Path, work: Path, mode: dict, device: str, env:
 
 
 def run(quick: bool = True, device: str = "cpu", budget: float | None = None, seeds: int | None = None,
-        workers: int | None = None, work: str | None = None, steps_from: str | None = None) -> dict:
+        workers: int | None = None, work: str | None = None, step_seconds: dict[str, float] | None = None) -> dict:
     mode = dict(MODES["cuda" if device.startswith("cuda") else "quick" if quick else "full"])
     mode |= {k: v for k, v in dict(budget=budget, seeds=seeds, workers=workers).items() if v is not None}
     if not SHARED_DATA.is_dir():
@@ -196,8 +197,7 @@ def run(quick: bool = True, device: str = "cpu", budget: float | None = None, se
           "--out", str(data_dir)], env, work_dir / "prepare.log")
 
     t0 = time.time()
-    step_s = json.loads(Path(steps_from).read_text())["step_seconds"] if steps_from else \
-        calibrate(data_dir, mode["preset"], device)
+    step_s = step_seconds or calibrate(data_dir, mode["preset"], device)
     from storyseek.model import get_preset
     from storyseek.model.info import count_parameters
     from storyseek.train.config import TRAIN_PRESETS, TrainConfig
@@ -282,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="reuse the seconds per step an earlier run measured (its results JSON), so every run "
                          "trains the same number of steps and the numbers repeat exactly")
     args = ap.parse_args(argv)
+    step_seconds = None
     if args.steps_from:
         try:
-            json.loads(Path(args.steps_from).read_text())["step_seconds"]
+            step_seconds = dict(json.loads(Path(args.steps_from).read_text())["step_seconds"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--steps-from {args.steps_from}: not a bench_quality results file ({type(e).__name__}: {e})")
     sys.path.insert(0, str(ROOT / "src"))
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()
     res = run(quick=args.quick, device=args.device, budget=args.budget, seeds=args.seeds, workers=args.workers,
-              work=args.work, steps_from=args.steps_from)
+              work=args.work, step_seconds=step_seconds)
     if "skipped" in res:
         print(markdown(res))
         return 0
