@@ -32,7 +32,8 @@ def test_mha_equals_per_head_reference():
     model = Transformer(cfg)
     S, H, dn, dr = 11, 4, 16, 8
     x = torch.randn(2, S, 64)
-    cos, sin = model.rope_cos[:S], model.rope_sin[:S]  # [S, d_r/2]
+    angles = torch.outer(torch.arange(S, dtype=torch.float64), cfg.rope_theta ** (-torch.arange(0, dr, 2) / dr))
+    cos, sin = angles.cos().float(), angles.sin().float()  # [S, d_r/2]: pair j turns by pos * theta^(-2j/d_r)
 
     def rotate(t):  # t: [B, S, H, dn + dr]; consecutive pairs of the last dr dims rotate by position
         out = t.clone()
@@ -49,7 +50,7 @@ def test_mha_equals_per_head_reference():
     scores = scores.masked_fill(torch.ones(S, S).triu(1).bool(), float("-inf"))
     ref = attn.wo(torch.einsum("bhst,bthd->bshd", scores.softmax(-1), v).flatten(2))
     with torch.no_grad():
-        got = attn(x, cos.unsqueeze(0), sin.unsqueeze(0))
+        got = attn(x, model.rope_cos[None, :S], model.rope_sin[None, :S])
     assert torch.allclose(got, ref, atol=1e-5)
 
 

@@ -14,6 +14,7 @@ which this layer computes (W x^T)^T; 0 (the default, and always in training) kee
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,9 +22,9 @@ class Linear(nn.Linear):
     weight_major_rows: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
+        rows = x.numel() // x.shape[-1] if self.weight_major_rows else 0
         if not 0 < rows <= self.weight_major_rows:
-            return super().forward(x)
+            return F.linear(x, self.weight, self.bias)
         y = weight_major(x.reshape(rows, x.shape[-1]), self.weight)
         if self.bias is not None:
             y = y + self.bias

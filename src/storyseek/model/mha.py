@@ -78,7 +78,7 @@ class MHA(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 step: CacheStep | None = None) -> torch.Tensor:
-        """x: [B, S, D]; cos/sin: [B or 1, S, d_r/2] for the positions of x.
+        """x: [B, S, D]; cos/sin: [B or 1, S, d_r] for the positions of x.
 
         Without a cache: causal self-attention over x. With `cache` = (k [B, T, H, d_n + d_r],
         v [B, T, H, d_v]) of this layer and `step` (where the tokens sit, see MLA.forward): the new

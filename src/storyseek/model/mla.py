@@ -30,21 +30,25 @@ from .norm import RMSNorm
 
 
 def rope_tables(dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [max_len, dim / 2] for the pairwise rotation below (fp32)."""
+    """cos, sin of shape [max_len, dim] (fp32) for apply_rope: pair j = (x_2j, x_2j+1) turns by the
+    angle pos * theta^(-2j/dim), written at both of the pair's elements, and sin carries the sign its
+    term has in the rotation (-sin at x_2j, +sin at x_2j+1)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq).repeat_interleave(2, dim=-1)
+    sign = torch.tensor([-1.0, 1.0], dtype=torch.float64).repeat(dim // 2)
+    return angles.cos().float(), (angles.sin() * sign).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x0, x1), (x2, x3), ... as DeepSeek's complex-number RoPE does.
+    """Rotate consecutive pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), as DeepSeek's
+    complex-number RoPE does: x * cos + swap(x) * sin with swap(x0, x1) = (x1, x0) and the tables of
+    rope_tables (three elementwise ops, the same floats as the complex product).
 
-    x: [..., d_r]; cos/sin broadcast against [..., d_r / 2]. Computed in fp32.
+    x: [..., d_r]; cos/sin broadcast against it. Computed in fp32.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # [..., d_r/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # [..., d_r]: (x1, x0, x3, x2, ...)
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 @dataclass
@@ -136,7 +140,7 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: torch.Tensor | None = None, step: CacheStep | None = None) -> torch.Tensor:
-        """x: [B, S, D]; cos/sin: [B or 1, S, d_r/2] for the positions of x.
+        """x: [B, S, D]; cos/sin: [B or 1, S, d_r] for the positions of x.
 
         Without a cache: causal self-attention over x. With `cache` = this layer's latents
         [B, max_len, d_c + d_r] and `step` (where the tokens sit): the new latents are written at
@@ -179,13 +183,12 @@ class MLA(nn.Module):
     def _attend_latent(self, q_nope, q_pe, latent, bias) -> torch.Tensor:
         """q_nope [B, S, H, d_n], q_pe [B, S, H, d_r]; latent [B, T, d_c + d_r]; bias [B, S, 1, T]."""
         B, S, H, _ = q_nope.shape
-        w = self.wkv_b.weight.view(H, self.d_n + self.d_v, self.d_c)
-        w_uk, w_uv = w[:, : self.d_n], w[:, self.d_n :]  # [H, d_n, d_c], [H, d_v, d_c]
-        q_lat = q_nope.reshape(B * S, H, self.d_n).transpose(0, 1) @ w_uk.to(q_nope.dtype)  # [H, B*S, d_c]
+        w_uk, w_uv = self.wkv_b.weight.view(H, self.d_n + self.d_v, self.d_c).split([self.d_n, self.d_v], dim=1)
+        q_lat = q_nope.reshape(B * S, H, self.d_n).transpose(0, 1) @ w_uk  # [H, B*S, d_c]
         q = torch.cat([q_lat.transpose(0, 1).reshape(B, S * H, self.d_c), q_pe.reshape(B, S * H, self.d_r)], dim=-1)
         latent = latent.to(q.dtype)
-        scores = (q * self.softmax_scale) @ latent.transpose(1, 2)  # [B, S*H, T]
-        probs = (scores.view(B, S, H, -1).float() + bias).softmax(dim=-1).type_as(q)  # [B, S, H, T]
+        scores = (q @ latent.transpose(1, 2)).view(B, S, H, -1)  # [B, S, H, T]
+        probs = torch.softmax(scores.float() * self.softmax_scale + bias, dim=-1).type_as(q)
         o_lat = probs.view(B, S * H, -1) @ latent[..., : self.d_c]  # [B, S*H, d_c]
-        o = o_lat.view(B * S, H, self.d_c).transpose(0, 1) @ w_uv.transpose(1, 2).to(q.dtype)  # [H, B*S, d_v]
+        o = o_lat.view(B * S, H, self.d_c).transpose(0, 1) @ w_uv.transpose(1, 2)  # [H, B*S, d_v]
         return self.wo(o.transpose(0, 1).reshape(B, S, H * self.d_v))

@@ -61,8 +61,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, D] -> gate weights [N, k], expert indices [N, k], scores [N, E] (fp32)."""
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        if torch.is_autocast_enabled(x.device.type):  # rerun with it off (entering the context costs
+            with torch.autocast(x.device.type, enabled=False):  # a decode step more than the product)
+                return self(x.float())
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         indices = (scores + self.bias).topk(self.topk, dim=-1).indices  # the bias only selects
         weights = scores.gather(1, indices)
@@ -178,23 +180,20 @@ def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """The same function as MoE.forward for the few tokens of a decode step (inference, no balance
     loss): x [B, S, D] -> [B, S, D], without sorting tokens by expert.
 
-    With fewer (token, expert) pairs than experts (one token, top-k < E) on a CPU, only the chosen
-    experts run: reading the indices on the host costs nothing there (no queue to drain). Otherwise
-    every expert runs on every token, weighted by the gate matrix G [N, E] (zero where not chosen):
-    with N*k >= E nearly every expert is chosen by some token, so the same weights are read, and
-    there is no host round-trip (a GPU keeps its queue full and the step can be graph-captured).
+    Each expert runs on every token, weighted by the gate matrix G [N, E] (zero where not chosen):
+    for a handful of tokens a product costs the weights it reads, not its rows, so this reads no more
+    than gathering each expert's tokens would, with fewer operations. On a CPU the experts no token
+    chose are skipped (reading the indices on the host costs nothing there: no queue to drain; one
+    token runs only its top-k). Elsewhere all of them run, with no host round-trip, so a GPU keeps its
+    queue full and the step can be graph-captured.
     """
     B, S, D = x.shape
     flat = x.reshape(-1, D)  # [N, D]
     weights, indices, _ = moe.gate(flat)  # [N, k] each
     out = moe.shared_experts(flat) if moe.shared_experts is not None else torch.zeros_like(flat)
-    if flat.device.type == "cpu" and flat.shape[0] * moe.topk < moe.n_experts and not torch.compiler.is_compiling():
-        for t, (chosen, gates) in enumerate(zip(indices.tolist(), weights.tolist())):
-            for e, g in zip(chosen, gates):
-                out[t] += moe.experts[e](flat[t]) * g
-    else:
-        gate = torch.zeros(flat.shape[0], moe.n_experts, dtype=flat.dtype, device=flat.device)
-        gate.scatter_(1, indices, weights.to(flat.dtype))  # [N, E]
-        for e, expert in enumerate(moe.experts):
-            out = out + expert(flat) * gate[:, e : e + 1]
+    gate = torch.zeros(flat.shape[0], moe.n_experts, dtype=flat.dtype, device=flat.device)
+    gate.scatter_(1, indices, weights.to(flat.dtype))  # [N, E]
+    on_host = flat.device.type == "cpu" and not torch.compiler.is_compiling()
+    for e in sorted(set(indices.flatten().tolist())) if on_host else range(moe.n_experts):
+        out = torch.addcmul(out, moe.experts[e](flat), gate[:, e : e + 1])  # + G_e FFN_e(u)
     return out.view(B, S, D)

@@ -60,7 +60,7 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
         cos, sin = rope_tables(cfg.qk_rope_head_dim, cfg.block_size, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # [block_size, d_r/2]
+        self.register_buffer("rope_cos", cos, persistent=False)  # [block_size, d_r]
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2: residual output projections scaled by 1/sqrt(2 * n_layer) so the stream's variance
@@ -167,7 +167,7 @@ class Transformer(nn.Module):
         return h
 
     def _rope(self, S: int, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [1, S, d_r/2] for positions 0..S-1, or [B, S, d_r/2] for explicit positions."""
+        """cos, sin [1, S, d_r] for positions 0..S-1, or [B, S, d_r] for explicit positions."""
         if pos is not None:
             return self.rope_cos[pos], self.rope_sin[pos]
         if S > self.cfg.block_size:
