@@ -176,12 +176,12 @@ def run(quick: bool = False, repeats: int = 3, new_tokens: int | None = None, ba
             if isinstance(got[0], DecodeStats):
                 total = statistics.median(s.total_s for s in got)
                 first = statistics.median(s.first_token_s for s in got)
-                acc = got[0].acceptance_rate
+                acc, draft = got[0].acceptance_rate, got[0].draft
             else:
-                total, first, acc = statistics.median(g[0] for g in got), statistics.median(g[1] for g in got), None
+                total, first, acc, draft = statistics.median(g[0] for g in got), statistics.median(g[1] for g in got), None, ""
             tps = batch * new_tokens / total
-            rows.append({"batch": batch, "path": name, "tokens_per_s": tps, "first_token_ms": first * 1000,
-                         "acceptance": acc, "limit_share": tps / weight_limit(models[dt], batch, bandwidth)})
+            rows.append({"batch": batch, "dtype": dt, "path": name, "tokens_per_s": tps, "first_token_ms": first * 1000,
+                         "acceptance": acc, "draft": draft, "limit_share": tps / weight_limit(models[dt], batch, bandwidth)})
 
     out = {"preset": "tiny" if quick else "default", "new_tokens": new_tokens, "prompt_tokens": PROMPT_LEN,
            "device": device, "threads": torch.get_num_threads(), "rows": rows,
@@ -238,7 +238,8 @@ def run_trained(minutes: float, repeats: int, new_tokens: int, hf: bool, bandwid
             total = statistics.median(g.total_s if isinstance(g, DecodeStats) else g[0] for g in got)
             stats = got[-1] if isinstance(got[-1], DecodeStats) else None
             rows.append({"path": name, "tokens_per_s": new_tokens / total, "limit_share": new_tokens / total / limit,
-                         "acceptance": stats.acceptance_rate if stats else None, "auto": stats.auto if stats else ""})
+                         "acceptance": stats.acceptance_rate if stats else None, "auto": stats.auto if stats else "",
+                         "draft": stats.draft if stats else ""})
         outputs = [samples[name][-1].rows for name in configs]
     return {"model": f"tiny preset trained {minutes:g} min ({trained_s / 60:.1f} min wall incl. data) on the embedded stories",
             "prompt": PROMPTS[0], "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens, "rows": rows,
@@ -274,6 +275,15 @@ def markdown(res: dict) -> str:
     ]:
         vals = [ratio(res["rows"], b, num, den) for b in (1, 8)]
         lines.append(f"| {label} | " + " | ".join("" if v is None else f"{v:.2f}x" for v in vals) + " |")
+    lines += ["", "What a speculative step costs (random MTP weights draft badly, so the speculative rows above show "
+              "the cost, not the gain): a step yields 1 + acceptance tokens per row, so it pays above the acceptance "
+              "shown.", "", "| batch | dtype | speculative step / plain step | pays above acceptance | draft head |",
+              "|---|---|---:|---:|---|"]
+    for r in res["rows"]:
+        if r["acceptance"] is not None:
+            plain = next(p for p in res["rows"] if p["batch"] == r["batch"] and p["path"] == f"storyseek latent cache, {r['dtype']}")
+            cost = (1 + r["acceptance"]) * plain["tokens_per_s"] / r["tokens_per_s"]
+            lines.append(f"| {r['batch']} | {r['dtype']} | {cost:.2f} | {cost - 1:.0%} | {r['draft']} |")
     lines += ["", "| KV cache bytes per token (all layers) | bytes |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in res["kv_cache_bytes_per_token"].items()]
     t = res.get("trained")
@@ -290,7 +300,7 @@ def markdown(res: dict) -> str:
             vs_hf = f"{r['tokens_per_s'] / hf_tps:.2f}x" if hf_tps else ""
             lines.append(f"| {r['path']} | {r['tokens_per_s']:.1f} | {r['limit_share']:.1%} | "
                          f"{r['tokens_per_s'] / speed['storyseek latent cache']:.2f}x | {vs_hf} | {acc} |")
-        lines += [f"\n{r['path']}: {r['auto']}" for r in t["rows"] if r["auto"]]
+        lines += [f"\n{r['path']}: {'; '.join(x for x in (r['auto'], r['draft']) if x)}" for r in t["rows"] if r["auto"] or r["draft"]]
     return "\n".join(lines)
 
 

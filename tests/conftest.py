@@ -39,11 +39,15 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def cpu_probes_injected(monkeypatch):
     """The CPU probes' measurements are injected instead of depending on the host's CPU: --dtype
-    auto's bf16 against fp32 (bf16 at 0.5x, so auto is float32) and decoding's few-row layout.
+    auto's bf16 against fp32 (bf16 at 0.5x, so auto is float32), decoding's few-row layout and the
+    int8 draft head's speed.
     tests/test_device.py varies them."""
     from storyseek import device
+    from storyseek.generate import draft
 
     monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes, **kw: 0.5)
     # Decoding's few-row layout (model/linear.py): weight-major up to 8 rows, so every decode test runs it.
     monkeypatch.setattr(device, "measure_weight_major_rows", lambda weights: 8)
+    # Speculative drafts through the int8 head copy (generate/draft.py), so every speculative test runs it.
+    monkeypatch.setattr(draft, "measure_int8_speedup", lambda head, int8, **kw: 2.0)
     monkeypatch.setenv("STORYSEEK_NO_CACHE", "1")

@@ -4,6 +4,8 @@ options, stops, batching, sliding window, streaming text."""
 import pytest
 import torch
 
+from storyseek.generate import draft
+from storyseek.generate.draft import draft_head
 from storyseek.generate.decode import PROBE_STEPS, DecodeStats, GenerateConfig, _Decoder, decode, generate_ids
 from storyseek.generate.sampling import SamplingConfig, probabilities, speculative_accept
 from storyseek.model import Transformer, get_preset
@@ -131,6 +133,33 @@ def test_speculative_rule_keeps_target_distribution():
     always_accept = q
     resample_from_p = torch.minimum(p, q) + (1 - torch.minimum(p, q).sum()) * p
     assert (always_accept - p).abs().max() > 5 * tol and (resample_from_p - p).abs().max() > 5 * tol
+
+
+def test_int8_draft_head_tracks_the_exact_head(trained_model):
+    """Where the int8 head copy is faster (injected: 2x), it drafts, and proposes the exact head's
+    argmax nearly always (the output stays exact whatever it proposes: the tests above)."""
+    d = draft_head(trained_model)
+    assert d.int8 is not None and d.why == "int8 draft head (int8 2.0x the exact one here)"
+    h = torch.randn(512, MICRO.n_embd, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        exact, approx = trained_model.head(trained_model.mtp[0].norm(h)), d(h)
+    assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() > 0.95
+    assert (exact - approx).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_exact_draft_head_where_int8_is_slower_and_a_new_one_when_weights_change(monkeypatch):
+    monkeypatch.setattr(draft, "measure_int8_speedup", lambda head, int8, **kw: 0.8)
+    torch.manual_seed(0)
+    model = Transformer(MICRO).eval()
+    d = draft_head(model)
+    assert d.int8 is None and d.why == "exact draft head (int8 0.8x the exact one here)"
+    assert draft_head(model) is d  # made once per model
+    h = torch.randn(4, MICRO.n_embd)
+    with torch.inference_mode():
+        assert torch.equal(d(h), model.head(model.mtp[0].norm(h)))
+    with torch.no_grad():
+        model.head.weight.mul_(2)
+    assert draft_head(model) is not d
 
 
 def test_top_k_one_equals_greedy(random_model):

@@ -43,6 +43,7 @@ from ..device import cached_probe, store_probe
 from ..errors import StoryseekError
 from ..model import CacheStep, LatentCache, Transformer
 from .config import GenerateConfig
+from .draft import draft_head
 from .sampling import draw, probabilities, speculative_accept
 
 
@@ -70,6 +71,7 @@ class DecodeStats:
     total_s: float = 0.0
     truncated_prompts: int = 0  # prompts longer than the context (their last tokens were kept)
     auto: str = ""  # how `speculative=None` (auto) chose between plain and speculative decoding
+    draft: str = ""  # speculative decoding: which head drafted, and why (generate/draft.py)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -254,11 +256,13 @@ class _Decoder:
     def _draft_after_slide(self, cache: LatentCache, r: int) -> torch.Tensor:
         """_slide for speculative decoding: the MTP module re-reads the window too -> draft logits [V]."""
         view, hidden, nxt = self._slide(cache, r)
-        return self._logits(self.model.mtp_step(hidden, nxt, view, last_only=True)[0][0, -1])
+        return self._logits(self.draft(self.model.mtp_hidden(hidden, nxt, view, CacheStep())[:, -1])[0])
 
     def _speculative(self) -> Iterator[list[list[int]]]:
         model, rows = self.model, self.rows
         greedy = self.sampling.greedy
+        self.draft = draft_head(model)
+        self.stats.draft = self.draft.why
         cache = model.new_cache(len(self.seqs))
         idx, last = self._pad(self.seqs)
         out = model(idx, cache=cache, last_only=True)
@@ -267,7 +271,7 @@ class _Decoder:
         nxt = idx.roll(-1, dims=1)
         nxt[rows, last] = tok
         h = model.mtp_hidden(out.hidden, nxt, cache, CacheStep())[rows, last]  # [B, D]
-        draft_logits = self._logits(model.head(model.mtp[0].norm(h)))  # [B, V]: proposes the token after tok
+        draft_logits = self._logits(self.draft(h))  # [B, V]: proposes the token after tok
         pos = last + 1  # [B]: where tok (t_{n-1}, unfed) goes
         yield self._accept([[t] for t in tok.tolist()])
         # auto: time plain and speculative steps, alternating, then keep the faster path.
@@ -288,7 +292,7 @@ class _Decoder:
                 new = [[t] for t in tok.tolist()]
                 probe["plain"].append(time.perf_counter() - started)
                 h = model.mtp_hidden(out.hidden, tok[:, None], cache, step)[:, -1]
-                draft_logits = self._logits(model.head(model.mtp[0].norm(h)))
+                draft_logits = self._logits(self.draft(h))
                 pos = (pos + 1).clamp_(max=self.block - 2)
                 yield self._accept(new)
                 continue
@@ -312,7 +316,7 @@ class _Decoder:
             # draft comes from the last confirmed one, position n if accepted, else n-1. A rejected
             # row's MTP latent at n (from a wrong h_n) is rewritten by its next step, as the main one.
             h = model.mtp_hidden(out.hidden, torch.stack([first, bonus], dim=1), cache, step)  # [B, 2, D]
-            draft_logits = self._logits(model.head(model.mtp[0].norm(h[rows, accepted.long()])))
+            draft_logits = self._logits(self.draft(h[rows, accepted.long()]))
             tok = torch.where(accepted, bonus, first)
             pos = (pos + 1 + accepted).clamp_(max=self.block - 2)  # finished rows stay in range
             acc, first_l, bonus_l = torch.stack([accepted, first, bonus]).tolist()

@@ -141,7 +141,7 @@ def summary(stats: DecodeStats) -> str:
     line = (f"{stats.new_tokens} tokens in {stats.total_s:.2f} s ({stats.tokens_per_s:.1f} tokens/s, "
             f"first token after {stats.first_token_s * 1000:.0f} ms)")
     if stats.acceptance_rate is not None:
-        line += f", MTP draft acceptance {stats.acceptance_rate:.0%} ({stats.accepted}/{stats.drafted})"
+        line += f", MTP draft acceptance {stats.acceptance_rate:.0%} ({stats.accepted}/{stats.drafted}, {stats.draft})"
     if stats.auto:
         line += f"; {stats.auto}"
     return line
