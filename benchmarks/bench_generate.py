@@ -226,7 +226,8 @@ def run_trained(minutes: float, repeats: int, new_tokens: int, hf: bool, bandwid
 
             from storyseek.export.hf import export_model
 
-            hf_dir = export_model(ckpt if ckpt.exists() else Path(tmp) / "final_model.pt", Path(tmp) / "hf")
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the results (--json)
+                hf_dir = export_model(ckpt if ckpt.exists() else Path(tmp) / "final_model.pt", Path(tmp) / "hf")
             ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
             fns["transformers DeepseekV3 + DynamicCache"] = lambda: time_hf(ref, 1, new_tokens, prompt)
         samples: dict[str, list] = {name: [] for name in fns}

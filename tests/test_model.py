@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from storyseek.model import ModelConfig, Transformer, get_preset
+from storyseek.model import CacheStep, ModelConfig, Transformer, get_preset
 from storyseek.model.info import cache_bytes_per_token, count_parameters
 from storyseek.model.moe import MoE, moe_decode
 
@@ -126,7 +126,7 @@ def test_cache_rows_at_different_positions_and_rollback():
             pos += 1
 
 
-def test_mtp_step_on_cache_equals_training_mtp_logits():
+def test_mtp_on_cache_equals_training_mtp_logits():
     model = small_model()
     tokens = torch.randint(0, 128, (1, 25))
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -135,8 +135,9 @@ def test_mtp_step_on_cache_equals_training_mtp_logits():
         cache = model.new_cache(batch=1)
         pos = torch.arange(24).unsqueeze(0)
         hidden = model(x, cache=cache, pos=pos).hidden
-        got = torch.cat([model.mtp_step(hidden[:, i : i + 1], y[:, i : i + 1], cache, pos[:, i : i + 1])[0]
+        got = torch.cat([model.mtp_hidden(hidden[:, i : i + 1], y[:, i : i + 1], cache, CacheStep.build(pos[:, i : i + 1]))
                          for i in range(23)], dim=1)
+        got = model.head(model.mtp[0].norm(got))
     assert (got - ref).abs().max().item() <= 1e-4
 
 

@@ -180,12 +180,12 @@ def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """The same function as MoE.forward for the few tokens of a decode step (inference, no balance
     loss): x [B, S, D] -> [B, S, D], without sorting tokens by expert.
 
-    Each expert runs on every token, weighted by the gate matrix G [N, E] (zero where not chosen):
-    for a handful of tokens a product costs the weights it reads, not its rows, so this reads no more
-    than gathering each expert's tokens would, with fewer operations. On a CPU the experts no token
-    chose are skipped (reading the indices on the host costs nothing there: no queue to drain; one
-    token runs only its top-k). Elsewhere all of them run, with no host round-trip, so a GPU keeps its
-    queue full and the step can be graph-captured.
+    Each expert runs on all N tokens, weighted by the gate matrix G [N, E] (zero where not chosen):
+    no sorting or gathering, and each expert's weights are read once per step. On a CPU the experts
+    no token chose are skipped (reading the indices on the host costs nothing there: no queue to
+    drain; one token runs only its top-k), in a fixed order so the sums are reproducible. Elsewhere
+    all of them run, with no host round-trip, so a GPU keeps its queue full and the step can be
+    graph-captured.
     """
     B, S, D = x.shape
     flat = x.reshape(-1, D)  # [N, D]

@@ -6,7 +6,7 @@
     out = model(idx, cache=cache)                 a fresh prefill: idx [B, S] at positions 0..S-1
     out = model(idx, cache=cache, pos=pos, length=T)  tokens idx [B, S] at absolute positions pos [B, S],
                                                   attending to cache positions < T (T > pos.max())
-    logits, h = model.mtp_step(...)               MTP drafts for self-speculative decoding
+    h = model.mtp_hidden(...)                     MTP drafts for self-speculative decoding
 
 Serving many requests from one cache (continuous batching): every cache row is an independent
 sequence. A request joins by a fresh prefill of its slot, `model(prompt[None], cache=cache.narrow(slot),
@@ -147,20 +147,13 @@ class Transformer(nn.Module):
         return LatentCache(cfg.n_layer + cfg.mtp_depth, batch, max_len or cfg.block_size, cfg.kv_lora_rank,
                            cfg.qk_rope_head_dim, dtype=dtype or self.embed.weight.dtype, device=self.embed.weight.device)
 
-    def mtp_step(self, h_prev: torch.Tensor, next_idx: torch.Tensor, cache: LatentCache | KVCache, pos: torch.Tensor | None = None,
-                 depth: int = 1, last_only: bool = False, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MTP depth on the cache: h_prev [B, S, D] (main final-norm hidden, or depth-1's h) at
-        positions pos [B, S] (None: a fresh prefill at 0..S-1; `length` as in forward), and next_idx
-        [B, S] the tokens at pos + depth.
-        Returns (logits [B, S, vocab] for the tokens at pos + depth + 1, h_depth [B, S, D]);
-        `last_only`: logits [B, 1, vocab] for the last position only (a speculative draft)."""
-        h = self.mtp_hidden(h_prev, next_idx, cache, CacheStep.build(pos, length), depth)
-        return self.head(self.mtp[depth - 1].norm(h[:, -1:] if last_only else h)), h
-
     def mtp_hidden(self, h_prev: torch.Tensor, next_idx: torch.Tensor, cache: LatentCache | KVCache, step: CacheStep,
                    depth: int = 1) -> torch.Tensor:
-        """mtp_step before norm and head: h_depth [B, S, D] (a speculative step picks one row per
-        sequence before paying for the vocab-sized head)."""
+        """One MTP depth on the cache: h_prev [B, S, D] (the main model's final-norm hidden, or depth-1's
+        h) at the positions of `step` (CacheStep: explicit positions, or a fresh prefill at 0..S-1),
+        next_idx [B, S] the tokens at pos + depth -> h_depth [B, S, D], before the depth's norm and the
+        shared head, which give the logits for the tokens at pos + depth + 1 (a speculative step picks
+        one row per sequence before paying for the vocab-sized head: generate/draft.py)."""
         cos, sin = self._rope(h_prev.shape[1], step.pos)
         h, _ = self.mtp[depth - 1](h_prev, self.embed(next_idx), cos, sin,
                                    self._layer_cache(cache, self.cfg.n_layer + depth - 1), step)
