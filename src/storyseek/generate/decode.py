@@ -121,10 +121,12 @@ class _Decoder:
         if known is not None:
             self.speculative, self.auto_key = bool(known), None
             stats.auto = f"auto chose {'speculative' if known else 'plain'} decoding (measured for this model before, cached)"
-        # Decode steps (one token per row, or a 2-token verify) through torch.compile with dynamic
-        # shapes: the attended length and the batch change every step without recompiling. Prefills
-        # stay eager (one per prompt). Compiled code is cached per process, keyed on this model.
+        # Decode steps (one token per row, or a 2-token verify, and MTP's step after it) through
+        # torch.compile with dynamic shapes: the attended length and the batch change every step
+        # without recompiling. Prefills stay eager (one per prompt). Compiled code is cached per
+        # process, keyed on this model.
         self.forward_step = torch.compile(model, dynamic=True) if cfg.compile else model
+        self.mtp_step = torch.compile(model.mtp_hidden, dynamic=True) if cfg.compile else model.mtp_hidden
         self.device = model.embed.weight.device
         self.gen = torch.Generator(device=self.device)
         if cfg.seed is None:
@@ -291,7 +293,7 @@ class _Decoder:
                 tok, _ = self._choose(self._logits(out.logits[:, -1]), self.seen)
                 new = [[t] for t in tok.tolist()]
                 probe["plain"].append(time.perf_counter() - started)
-                h = model.mtp_hidden(out.hidden, tok[:, None], cache, step)[:, -1]
+                h = self.mtp_step(out.hidden, tok[:, None], cache, step)[:, -1]
                 draft_logits = self._logits(self.draft(h))
                 pos = (pos + 1).clamp_(max=self.block - 2)
                 yield self._accept(new)
@@ -315,7 +317,7 @@ class _Decoder:
             # MTP on both positions, (h_{n-1}, t_n) and (h_n, t_{n+1}), in the same step: the next
             # draft comes from the last confirmed one, position n if accepted, else n-1. A rejected
             # row's MTP latent at n (from a wrong h_n) is rewritten by its next step, as the main one.
-            h = model.mtp_hidden(out.hidden, torch.stack([first, bonus], dim=1), cache, step)  # [B, 2, D]
+            h = self.mtp_step(out.hidden, torch.stack([first, bonus], dim=1), cache, step)  # [B, 2, D]
             draft_logits = self._logits(self.draft(h[rows, accepted.long()]))
             tok = torch.where(accepted, bonus, first)
             pos = (pos + 1 + accepted).clamp_(max=self.block - 2)  # finished rows stay in range
