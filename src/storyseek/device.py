@@ -189,16 +189,17 @@ def _x_wt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def measure_weight_major_rows(weights: Sequence[torch.Tensor]) -> int:
-    """Time every weight's product with 1, 2, 4, 8 rows of input both ways (three rounds, the best
-    of each): the largest row count up to which weight @ x^T is WEIGHT_MAJOR_MARGIN faster. Going
-    through all of a model's weights reads them from memory, as a decode step does."""
+    """Time every weight's product with 1, 2, 4, 8 rows of input both ways (five rounds, the best
+    of each: a busy neighbour during one round must not decide it): the largest row count up to which
+    weight @ x^T is WEIGHT_MAJOR_MARGIN faster. Going through all of a model's weights reads them
+    from memory, as a decode step does."""
     forms = (_x_wt, weight_major)
     chosen = 0
     with torch.inference_mode():
         for rows in WEIGHT_MAJOR_PROBE_ROWS:
             inputs = {n: torch.randn(rows, n, dtype=weights[0].dtype) for n in {w.shape[1] for w in weights}}
             best = [float("inf")] * len(forms)
-            for _ in range(3):
+            for _ in range(5):
                 for i, form in enumerate(forms):
                     t = time.perf_counter()
                     for w in weights:
