@@ -160,6 +160,9 @@ def test_exact_draft_head_where_int8_is_slower_and_a_new_one_when_weights_change
     with torch.no_grad():
         model.head.weight.mul_(2)
     assert draft_head(model) is not d
+    with torch.inference_mode():  # weights made here keep no version counter (and cannot change)
+        made_here = Transformer(MICRO).eval()
+        assert draft_head(made_here) is draft_head(made_here)
 
 
 def test_top_k_one_equals_greedy(random_model):

@@ -44,7 +44,7 @@ def int8_linear(weight: torch.Tensor) -> nn.Module | None:
     return layer
 
 
-def measure_int8_speedup(head: nn.Module, int8: nn.Module, rounds: int = 5) -> float:
+def measure_int8_speedup(head: nn.Module, int8: nn.Module, rounds: int = 10) -> float:
     """Time of the exact head over the int8 one for one row (a draft), in alternating rounds, the best
     of each: the least disturbed by other processes."""
     x = torch.randn(1, head.in_features, dtype=head.weight.dtype)
@@ -64,7 +64,7 @@ class DraftHead:
     def __init__(self, model: Transformer):
         self.norm, self.head = model.mtp[0].norm, model.head
         w = self.head.weight
-        self.version = (w.data_ptr(), w._version, w.dtype, w.device)
+        self.version = _version(w)
         self.int8, self.why = None, "exact draft head (not a CPU)"
         if w.device.type != "cpu":
             return
@@ -89,8 +89,13 @@ class DraftHead:
 def draft_head(model: Transformer) -> DraftHead:
     """The model's draft head, made once and kept on the model (remade when the head's weights change:
     a later training step, a cast, a move)."""
-    w = model.head.weight
     known = model.__dict__.get("_draft_head")
-    if known is None or known.version != (w.data_ptr(), w._version, w.dtype, w.device):
+    if known is None or known.version != _version(model.head.weight):
         known = model.__dict__["_draft_head"] = DraftHead(model)
     return known
+
+
+def _version(w: torch.Tensor) -> tuple:
+    """What identifies a weight's values: its storage, in-place write count (inference tensors, made
+    under torch.inference_mode, keep none and cannot change), dtype and device."""
+    return w.data_ptr(), 0 if w.is_inference() else w._version, w.dtype, w.device
