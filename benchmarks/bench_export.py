@@ -16,6 +16,7 @@ With random weights MTP drafts are rejected, so MTP rows show the cost of drafti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -43,7 +44,8 @@ def _export(model_path: str | None, preset: str, directory: Path) -> Path:
         model_path = directory / "ckpt.pt"
         save_checkpoint(model_path, {"model_config": cfg.to_dict(), "tokenizer": tok.to_dict(),
                                      "model": Transformer(cfg).state_dict(), "iter": 0})
-    return export_model(model_path, directory / "hf")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the report (--json)
+        return export_model(model_path, directory / "hf")
 
 
 def _time(fn, repeats: int):
