@@ -13,9 +13,10 @@ Speculative step (MTP depth 1, DeepSeek-V3 section 2.2 used as a draft model, "s
   and p(t_{n+1} | d). Accept d with probability min(1, p(d)/q(d)) (greedy: iff d = argmax p);
   if accepted also take a bonus token from p(t_{n+1} | d), else resample t_n from norm(max(0, p - q)).
   In the same step, without a host round-trip, MTP runs on both positions, (h_{n-1}, t_n) and
-  (h_n, t_{n+1}), and the head drafts from the last confirmed one only. A rejected draft's latents
-  at position n (main and MTP) are simply overwritten by the next write (the cache is indexed by
-  position), so rollback costs nothing.
+  (h_n, t_{n+1}), and the head drafts from the last confirmed one only (an int8 copy of the head
+  where that measures faster: a draft needs no exact logits, generate/draft.py). A rejected draft's
+  latents at position n (main and MTP) are simply overwritten by the next write (the cache is
+  indexed by position), so rollback costs nothing.
 
 Between steps the host holds each row's tokens (for stops, the budget and the sliding window); the
 device holds the next input token and its position. One read-back per step carries the new tokens.
@@ -127,6 +128,8 @@ class _Decoder:
         # process, keyed on this model.
         self.forward_step = torch.compile(model, dynamic=True) if cfg.compile else model
         self.mtp_step = torch.compile(model.mtp_hidden, dynamic=True) if cfg.compile else model.mtp_hidden
+        self.draft = draft_head(model) if self.speculative else None  # MTP's head: int8 where faster
+        stats.draft = self.draft.why if self.draft else ""
         self.device = model.embed.weight.device
         self.gen = torch.Generator(device=self.device)
         if cfg.seed is None:
@@ -263,8 +266,6 @@ class _Decoder:
     def _speculative(self) -> Iterator[list[list[int]]]:
         model, rows = self.model, self.rows
         greedy = self.sampling.greedy
-        self.draft = draft_head(model)
-        self.stats.draft = self.draft.why
         cache = model.new_cache(len(self.seqs))
         idx, last = self._pad(self.seqs)
         out = model(idx, cache=cache, last_only=True)
