@@ -66,6 +66,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+@torch.no_grad()
 def run(quick: bool, model: str | None = None, new_tokens: int | None = None, device: str = "cpu") -> dict:
     import transformers
 
@@ -75,7 +76,6 @@ def run(quick: bool, model: str | None = None, new_tokens: int | None = None, de
 
     n = new_tokens or (64 if quick else 256)
     repeats = 1 if quick else 2
-    torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as tmp:
         directory = _export(model, "tiny" if quick else "default", Path(tmp))
         ours, tok = load_model(directory, device=device, dtype="float32")

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -10,14 +11,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def bench_generate(monkeypatch):
+def benchmarks(monkeypatch):
+    """The benchmarks folder on sys.path: its scripts import each other by name."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+
+def test_bench_generate_reports_every_path_and_what_a_speculative_step_costs(benchmarks):
     import bench_generate
 
-    return bench_generate
-
-
-def test_bench_generate_reports_every_path_and_what_a_speculative_step_costs(bench_generate):
     res = bench_generate.run(quick=True, repeats=1, new_tokens=6, batches=(1,), no_cache=True, hf=False,
                              train_minutes=0)
     paths = {r["path"] for r in res["rows"]}
@@ -30,3 +31,23 @@ def test_bench_generate_reports_every_path_and_what_a_speculative_step_costs(ben
     cost_rows = [line for line in report.splitlines() if line.startswith("| 1 | ") and "draft head" in line]
     assert len(cost_rows) == 2 and all("int8 draft head (int8 2.0x" in line for line in cost_rows)
     assert float(cost_rows[0].split("|")[3]) > 0
+
+
+def test_bench_train_reports_transformers_and_storyseek_rows(benchmarks):
+    import bench_train
+
+    res = bench_train.run(quick=True, batch=2, seq=32, rounds=1, steps=1, device_name="cpu", compile_=False)
+    variants = {r["variant"] for r in res["rows"]}
+    assert {"transformers DeepseekV3 fp32", "storyseek fp32"} <= variants
+    assert all(r["tokens_per_sec"] > 0 for r in res["rows"])
+    assert "storyseek fp32" in bench_train.markdown(res)
+
+
+def test_bench_export_decodes_the_export_in_both_engines(benchmarks):
+    import bench_export
+
+    res = bench_export.run(quick=True, new_tokens=4)
+    assert {(r["engine"], r["mtp"]) for r in res["rows"]} == {("storyseek", False), ("storyseek", True),
+                                                             ("transformers", False), ("transformers", True)}
+    assert torch.is_grad_enabled()  # the benchmark leaves no global state behind
+    assert "transformers" in bench_export.markdown(res)
