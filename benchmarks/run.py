@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("prepare", "train", "generate", "export", "serve")
+BENCHMARKS = ("prepare", "train", "generate", "sampling", "export", "serve")
 
 
 def machine() -> dict:

@@ -51,3 +51,12 @@ def test_bench_export_decodes_the_export_in_both_engines(benchmarks):
                                                              ("transformers", False), ("transformers", True)}
     assert torch.is_grad_enabled()  # the benchmark leaves no global state behind
     assert "transformers" in bench_export.markdown(res)
+
+
+def test_bench_sampling_compares_with_a_full_sort(benchmarks):
+    import bench_sampling
+
+    res = bench_sampling.run(quick=True, batches=(1,), repeats=2)
+    assert len(res["rows"]) == len(bench_sampling.SHARPNESS)
+    assert res["rows"][0]["nucleus_tokens"] < 10 < 10_000 < res["rows"][-1]["nucleus_tokens"]
+    assert "full sort + multinomial" in bench_sampling.markdown(res)
