@@ -138,6 +138,8 @@ def test_speculative_rule_keeps_target_distribution():
 def test_int8_draft_head_tracks_the_exact_head(trained_model):
     """Where the int8 head copy is faster (injected: 2x), it drafts, and proposes the exact head's
     argmax nearly always (the output stays exact whatever it proposes: the tests above)."""
+    if draft.int8_linear(trained_model.head.weight) is None:
+        pytest.skip("this PyTorch build has no dynamic int8 linear (the exact head drafts)")
     d = draft_head(trained_model)
     assert d.int8 is not None and d.why == "int8 draft head (int8 2.0x the exact one here)"
     h = torch.randn(512, MICRO.n_embd, generator=torch.Generator().manual_seed(1))
@@ -147,12 +149,19 @@ def test_int8_draft_head_tracks_the_exact_head(trained_model):
     assert (exact - approx).abs().max() < 0.05 * exact.abs().max()
 
 
-def test_exact_draft_head_where_int8_is_slower_and_a_new_one_when_weights_change(monkeypatch):
+def test_exact_draft_head_where_int8_is_slower_and_a_new_one_when_weights_change(monkeypatch, tmp_path):
     monkeypatch.setattr(draft, "measure_int8_speedup", lambda head, int8, **kw: 0.8)
+    monkeypatch.delenv("STORYSEEK_NO_CACHE")
+    monkeypatch.setenv("STORYSEEK_CACHE_DIR", str(tmp_path))
     torch.manual_seed(0)
     model = Transformer(MICRO).eval()
     d = draft_head(model)
-    assert d.int8 is None and d.why == "exact draft head (int8 0.8x the exact one here)"
+    assert d.int8 is None and d.why.startswith("exact draft head")
+    if draft.int8_linear(model.head.weight) is not None:  # a PyTorch with the quantized kernels measured it
+        assert d.why == "exact draft head (int8 0.8x the exact one here)"
+        # measured slower on this machine before: the next model of this shape is not even quantized
+        monkeypatch.setattr(draft, "int8_linear", lambda w: pytest.fail("quantized a head known to be slower"))
+        assert draft_head(Transformer(MICRO).eval()).why == d.why
     assert draft_head(model) is d  # made once per model
     h = torch.randn(4, MICRO.n_embd)
     with torch.inference_mode():

@@ -68,16 +68,17 @@ class DraftHead:
         self.int8, self.why = None, "exact draft head (not a CPU)"
         if w.device.type != "cpu":
             return
-        int8 = int8_linear(w)
-        if int8 is None:
-            self.why = "exact draft head (this PyTorch has no dynamic int8 linear)"
-            return
         key = f"int8 draft head | {w.dtype} {tuple(w.shape)} | weight-major {self.head.weight_major_rows}"
         speedup = cached_probe(key)
+        # The copy is made only to be measured or used: not where this machine already found it slower.
+        int8 = int8_linear(w) if speedup is None or speedup >= INT8_MARGIN else None
+        if int8 is None and speedup is None:
+            self.why = "exact draft head (this PyTorch has no dynamic int8 linear)"
+            return
         if speedup is None:
             speedup = round(measure_int8_speedup(self.head, int8), 3)
             store_probe(key, speedup)
-        if speedup >= INT8_MARGIN:
+        if int8 is not None and speedup >= INT8_MARGIN:
             self.int8 = int8
         self.why = f"{'int8' if self.int8 else 'exact'} draft head (int8 {speedup:.1f}x the exact one here)"
 
