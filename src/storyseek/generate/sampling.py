@@ -41,6 +41,9 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor 
     return nucleus(probs, cfg.top_p) if cfg.top_p < 1.0 else probs
 
 
+NUCLEUS_SLACK = 1e-5  # fp32 rounding of a running sum of probabilities stays far below this
+
+
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """probs [B, V] kept on each row's nucleus, renormalized: in descending order, a token is dropped
     when the tokens ranked above it already reach top_p (the top one always stays).
@@ -48,13 +51,16 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     Sorting a 50k vocabulary costs 4 ms a token on a CPU (as much as the sampled model's step), so
     the k most likely tokens come first (k = 64, then 1024): once their running sum reaches top_p in
     every row, every token after them is dropped and the prefix sums that decide the rest are the
-    ones a full sort computes. A flat distribution (a nucleus of thousands of tokens) sorts it all."""
+    ones a full sort computes. A flat distribution (a nucleus of thousands of tokens) sorts it all.
+    The stop keeps a margin of NUCLEUS_SLACK: a full sort decides a later token by its own rounded
+    (running sum - p), which can sit an ulp below the sum of the tokens before it."""
     V = probs.size(-1)
     for k in (64, 1024, V):
         top, order = probs.topk(k, dim=-1) if k < V else probs.sort(dim=-1, descending=True)  # [B, k]
-        before = top.cumsum(dim=-1) - top  # [B, k]: mass ranked above each token
-        if k >= V or bool((before[:, -1] + top[:, -1] >= top_p).all()):
+        running = top.cumsum(dim=-1)  # [B, k]
+        if k >= V or bool((running[:, -1] >= top_p + NUCLEUS_SLACK).all()):
             break
+    before = running - top  # [B, k]: mass ranked above each token
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before < top_p)
     probs = probs * keep
     return probs / probs.sum(dim=-1, keepdim=True)
