@@ -76,15 +76,22 @@ def time_ours(model, batch: int, new_tokens: int, prompt: torch.Tensor, **kw) ->
     return stats
 
 
-def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-    """Memory read bandwidth in bytes/s: the best of `repeats` sums over a `mib` MiB fp32 buffer."""
-    x = torch.ones(mib * 2**18)
+def read_bandwidth(device: str = "cpu", mib: int = 512, repeats: int = 5) -> float:
+    """Memory read bandwidth of `device` in bytes/s: the best of `repeats` sums over a `mib` MiB fp32 buffer."""
+    x = torch.ones(mib * 2**18, device=device)
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first sum loads the kernel
+        sync(device)
         t = time.perf_counter()
         x.sum()
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def bytes_per_step(model: Transformer, batch: int) -> float:
@@ -148,9 +155,9 @@ def run(quick: bool = False, repeats: int = 3, new_tokens: int | None = None, ba
     models["bfloat16"] = bf16
     prompt = torch.randint(0, cfg.vocab_size - 64, (max(batches), PROMPT_LEN))
     hf_models = {name: hf_model(cfg, getattr(torch, name)).to(device) for name in models} if hf else {}
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(device)
 
-    rows = []
+    rows, identical = [], {}
     for batch in batches:
         configs = []
         for dt, m in models.items():
@@ -159,6 +166,9 @@ def run(quick: bool = False, repeats: int = 3, new_tokens: int | None = None, ba
             if no_cache and dt == "float32" and batch == 1:  # batch 8 x 256 steps of full forwards: minutes
                 configs.append((f"storyseek no cache (reference), {dt}", dt, lambda m=m: time_ours(m, batch, new_tokens, prompt, use_cache=False)))
             configs.append((f"storyseek latent cache, {dt}", dt, lambda m=m: time_ours(m, batch, new_tokens, prompt, speculative=False)))
+            if torch.device(device).type == "cuda":  # the same steps launched one kernel at a time
+                configs.append((f"storyseek latent cache, {dt}, no CUDA graphs", dt,
+                                lambda m=m: time_ours(m, batch, new_tokens, prompt, speculative=False, cuda_graphs=False)))
             if m.head.weight_major_rows:  # the same path with nn.Linear's x W^T for every product
                 configs.append((f"storyseek latent cache, {dt}, x W^T layout", dt,
                                 lambda m=m: without_weight_major(m, lambda: time_ours(m, batch, new_tokens, prompt, speculative=False))))
@@ -171,6 +181,10 @@ def run(quick: bool = False, repeats: int = 3, new_tokens: int | None = None, ba
                 got = samples[name][-1]
                 secs = got.total_s if isinstance(got, DecodeStats) else got[0]
                 print(f"batch {batch}: {name}: {batch * new_tokens / secs:.1f} tokens/s", file=sys.stderr, flush=True)
+        for dt in models:  # CUDA graphs attend to the whole (masked) cache: the same greedy tokens?
+            graphed = samples.get(f"storyseek latent cache, {dt}, no CUDA graphs")
+            if graphed:
+                identical[f"{dt}, batch {batch}"] = graphed[-1].rows == samples[f"storyseek latent cache, {dt}"][-1].rows
         for name, dt, _ in configs:
             got = samples[name]
             if isinstance(got[0], DecodeStats):
@@ -184,7 +198,8 @@ def run(quick: bool = False, repeats: int = 3, new_tokens: int | None = None, ba
                          "acceptance": acc, "draft": draft, "limit_share": tps / weight_limit(models[dt], batch, bandwidth)})
 
     out = {"preset": "tiny" if quick else "default", "new_tokens": new_tokens, "prompt_tokens": PROMPT_LEN,
-           "device": device, "threads": torch.get_num_threads(), "rows": rows,
+           "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+           "threads": torch.get_num_threads(), "rows": rows, "cuda_graph_tokens_identical": identical,
            "weight_major_rows": {dt: m.head.weight_major_rows for dt, m in models.items()},
            "bandwidth_gb_s": bandwidth / 1e9,
            "weight_mb_per_token": {dt: {b: bytes_per_step(m, b) / b / 1e6 for b in batches} for dt, m in models.items()},
@@ -266,6 +281,9 @@ def markdown(res: dict) -> str:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
         lines.append(f"| {r['batch']} | {r['path']} | {r['tokens_per_s']:.1f} | {r['limit_share']:.1%} | "
                      f"{r['first_token_ms']:.0f} | {acc} |")
+    if res["cuda_graph_tokens_identical"]:
+        lines += ["", "greedy tokens with CUDA graphs identical to without: "
+                  + ", ".join(f"{k}: {v}" for k, v in res["cuda_graph_tokens_identical"].items())]
     lines += ["", "| ratio (tokens/s) | batch 1 | batch 8 |", "|---|---:|---:|"]
     hf32 = "transformers DeepseekV3 + DynamicCache, float32"
     for label, num, den in [

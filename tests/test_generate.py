@@ -270,6 +270,54 @@ def test_bfloat16_cache_decodes(random_model):
     assert model.rope_cos.dtype == torch.float32 and model.moe_layers()[0].gate.weight.dtype == torch.float32
 
 
+class _Replay:
+    """graphs.GraphedStep's stand-in on a CPU: runs the captured function, records the input shapes."""
+
+    shapes: set = set()
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        _Replay.shapes.add(tuple(tuple(a.shape) for a in args))
+        return self.fn(*args)
+
+
+def test_graph_steps_attend_the_whole_cache_and_write_the_same_tokens(random_model, monkeypatch):
+    """What a CUDA graph replays (generate/graphs.py): steps of fixed shapes that attend to all
+    block_size cache positions, the unwritten ones masked. Greedy tokens equal the exact-length
+    steps', through the sliding window (60 tokens > block_size 48), plain and speculative."""
+    from storyseek.generate import graphs
+
+    for spec in (False, True):
+        cfg = GenerateConfig(max_tokens=60, sampling=GREEDY, speculative=spec)
+        exact = generate_ids(random_model, PROMPTS, cfg)
+        with monkeypatch.context() as m:
+            m.setattr(graphs, "graphs_supported", lambda device: True)
+            m.setattr(graphs, "GraphedStep", _Replay)
+            _Replay.shapes = set()
+            assert generate_ids(random_model, PROMPTS, cfg) == exact
+            # plain: [B, 1] tokens and positions; speculative: the verify's [B, 2] and MTP's [B, 2, D]
+            assert (((3, 1), (3, 1)) in _Replay.shapes) != spec
+            assert (((3, 2), (3, 2)) in _Replay.shapes) == spec
+            assert (((3, 2, 64), (3, 2), (3, 2)) in _Replay.shapes) == spec
+        assert generate_ids(random_model, PROMPTS, GenerateConfig(max_tokens=60, sampling=GREEDY, speculative=spec,
+                                                                  cuda_graphs=False)) == exact
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_writes_the_eager_greedy_tokens():
+    torch.manual_seed(0)
+    model = Transformer(MICRO).cuda().eval()
+    for spec in (False, True):
+        eager = generate_ids(model, PROMPTS, GenerateConfig(max_tokens=60, sampling=GREEDY, speculative=spec,
+                                                            cuda_graphs=False))
+        stats = DecodeStats()
+        graphed = generate_ids(model, PROMPTS, GenerateConfig(max_tokens=60, sampling=GREEDY, speculative=spec),
+                               stats=stats)
+        assert graphed == eager and stats.new_tokens == 180
+
+
 @pytest.mark.slow
 def test_compiled_decode_step_writes_the_same_greedy_tokens(random_model):
     """--compile: torch.compile (inductor) runs the plain and the speculative steps."""

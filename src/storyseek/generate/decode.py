@@ -45,6 +45,7 @@ from ..errors import StoryseekError
 from ..model import CacheStep, LatentCache, Transformer
 from .config import GenerateConfig
 from .draft import draft_head
+from . import graphs
 from .sampling import draw, probabilities, speculative_accept
 
 
@@ -131,6 +132,7 @@ class _Decoder:
         self.draft = draft_head(model) if self.speculative else None  # MTP's head: int8 where faster
         stats.draft = self.draft.why if self.draft else ""
         self.device = model.embed.weight.device
+        self.graphs = cfg.cuda_graphs and not cfg.compile and graphs.graphs_supported(self.device)
         self.gen = torch.Generator(device=self.device)
         if cfg.seed is None:
             self.gen.seed()
@@ -202,6 +204,23 @@ class _Decoder:
             return self._logits(out.logits[:, -1])
         return self._logits(self.model.head(out.hidden[self.rows[: last.numel()], last]))
 
+    def _steps(self, cache: LatentCache):
+        """The decode steps on `cache`: forward(idx [B, S], pos [B, S], length) -> (logits [B, S, V],
+        hidden [B, S, D]) and mtp(hidden, next_idx [B, S], pos, length) -> MTP's h [B, S, D].
+        On a GPU each is a CUDA graph per shape (generate/graphs.py), attending to the whole cache."""
+        def forward(idx, pos, length):
+            out = self.forward_step(idx, cache=cache, pos=pos, length=length)
+            return self._logits(out.logits), out.hidden
+
+        def mtp(hidden, nxt, pos, length):
+            return self.mtp_step(hidden, nxt, cache, CacheStep.build(pos, length))
+
+        if not self.graphs:
+            return forward, mtp
+        forward_graph = graphs.GraphedStep(lambda idx, pos: forward(idx, pos, self.block))
+        mtp_graph = graphs.GraphedStep(lambda hidden, nxt, pos: mtp(hidden, nxt, pos, self.block))
+        return (lambda idx, pos, length: forward_graph(idx, pos)), (lambda h, nxt, pos, length: mtp_graph(h, nxt, pos))
+
     # ---------------------------------------------------------------- the loop
     def run(self) -> Iterator[list[list[int]]]:
         start = time.perf_counter()
@@ -233,18 +252,18 @@ class _Decoder:
         idx, last = self._pad(self.seqs)
         tok, _ = self._choose(self._last(self.model(idx, cache=cache, last_only=True), last), self.seen)
         yield self._accept([[t] for t in tok.tolist()])
-        yield from self._plain_steps(cache, tok, last + 1)
+        yield from self._plain_steps(cache, self._steps(cache)[0], tok, last + 1)
 
-    def _plain_steps(self, cache: LatentCache, tok: torch.Tensor, pos: torch.Tensor) -> Iterator[list[list[int]]]:
-        """tok [B]: each row's unfed last token, pos [B]: where it goes."""
+    def _plain_steps(self, cache: LatentCache, forward, tok: torch.Tensor, pos: torch.Tensor) -> Iterator[list[list[int]]]:
+        """tok [B]: each row's unfed last token, pos [B]: where it goes; forward: self._steps'."""
         while True:
             for r in range(len(self.seqs)):
                 if not self.done[r] and len(self.seqs[r]) > self.block:
                     self._slide(cache, r)
                     pos[r] = len(self.seqs[r]) - 1
             length = max(min(len(s), self.block) for s in self.seqs)
-            out = self.forward_step(tok[:, None], cache=cache, pos=pos[:, None], length=length)
-            tok, _ = self._choose(self._logits(out.logits[:, -1]), self.seen)
+            logits, _ = forward(tok[:, None], pos[:, None], length)
+            tok, _ = self._choose(logits[:, -1], self.seen)
             pos = (pos + 1).clamp_(max=self.block - 1)  # finished rows run on harmlessly, in range
             yield self._accept([[t] for t in tok.tolist()])
 
@@ -267,6 +286,7 @@ class _Decoder:
         model, rows = self.model, self.rows
         greedy = self.sampling.greedy
         cache = model.new_cache(len(self.seqs))
+        forward, mtp = self._steps(cache)
         idx, last = self._pad(self.seqs)
         out = model(idx, cache=cache, last_only=True)
         tok, _ = self._choose(self._last(out, last), self.seen)
@@ -289,12 +309,11 @@ class _Decoder:
             started = time.perf_counter()
             if probe is not None and len(probe["plain"]) <= len(probe["speculative"]):
                 # A plain step, timed up to its read-back; then MTP catches up on (h_{n-1}, t_n) untimed.
-                step = CacheStep.build(pos[:, None], length - 1)
-                out = self.forward_step(tok[:, None], cache=cache, pos=step.pos, length=length - 1)
-                tok, _ = self._choose(self._logits(out.logits[:, -1]), self.seen)
+                logits, hidden = forward(tok[:, None], pos[:, None], length - 1)
+                tok, _ = self._choose(logits[:, -1], self.seen)
                 new = [[t] for t in tok.tolist()]
                 probe["plain"].append(time.perf_counter() - started)
-                h = self.mtp_step(out.hidden, tok[:, None], cache, step)[:, -1]
+                h = mtp(hidden, tok[:, None], pos[:, None], length - 1)[:, -1]
                 draft_logits = self._logits(self.draft(h))
                 pos = (pos + 1).clamp_(max=self.block - 2)
                 yield self._accept(new)
@@ -302,9 +321,8 @@ class _Decoder:
             seen = self.seen
             draft, q = self._choose(draft_logits, seen)
             # Verify: the main model on [t_{n-1}, d] at [n-1, n] gives p(t_n) and p(t_{n+1} | d).
-            step = CacheStep.build(torch.stack([pos, pos + 1], dim=1), length)
-            out = self.forward_step(torch.stack([tok, draft], dim=1), cache=cache, pos=step.pos, length=length)
-            logits = self._logits(out.logits)  # [B, 2, V]
+            pos2 = torch.stack([pos, pos + 1], dim=1)
+            logits, hidden = forward(torch.stack([tok, draft], dim=1), pos2, length)  # [B, 2, V], [B, 2, D]
             seen2 = None
             if seen is not None:
                 seen2 = seen.clone()
@@ -318,7 +336,7 @@ class _Decoder:
             # MTP on both positions, (h_{n-1}, t_n) and (h_n, t_{n+1}), in the same step: the next
             # draft comes from the last confirmed one, position n if accepted, else n-1. A rejected
             # row's MTP latent at n (from a wrong h_n) is rewritten by its next step, as the main one.
-            h = self.mtp_step(out.hidden, torch.stack([first, bonus], dim=1), cache, step)  # [B, 2, D]
+            h = mtp(hidden, torch.stack([first, bonus], dim=1), pos2, length)  # [B, 2, D]
             draft_logits = self._logits(self.draft(h[rows, accepted.long()]))
             tok = torch.where(accepted, bonus, first)
             pos = (pos + 1 + accepted).clamp_(max=self.block - 2)  # finished rows stay in range
@@ -333,7 +351,7 @@ class _Decoder:
             yield self._accept([[f, b] if a else [f] for a, f, b in zip(acc, first_l, bonus_l)])
             if probe is not None and len(probe["speculative"]) == PROBE_STEPS:
                 if not self._keep_speculative(probe):
-                    yield from self._plain_steps(cache, tok, pos)
+                    yield from self._plain_steps(cache, forward, tok, pos)
                     return
                 probe = None
 
