@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# One short call on a fresh GPU machine (under 8 minutes): the default preset's training speed in
-# bf16, eager and torch.compile'd: tokens/s, MFU, graph breaks, peak GPU memory; then, if a prepared
-# data folder is given, `storyseek train --compile` end to end on it.
+# One short call on a fresh GPU machine (about 7 minutes on an H100): the default preset's training
+# speed in bf16, eager and torch.compile'd: tokens/s, MFU, graph breaks, peak GPU memory; decoding
+# speed against transformers (bench_generate.py; DECODE=0 skips it); then, if a prepared data folder
+# is given, `storyseek train --compile` end to end on it.
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR]       # DATA_DIR: from `storyseek prepare` (optional)
 #
 # Runs from a source checkout without installing it (PYTHONPATH=src); needs a python with CUDA torch.
 # Overrides for a dry run of the same code on a CPU (what CI can check):
 #   DEVICE=cpu PRESET=tiny BATCH=2 SEQ=64 STEPS=2 DTYPE=float32 bash benchmarks/gpu_check.sh
+# MODES="eager" (or "compile") runs one of the two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 DATA="${1:-}"
 export DEVICE="${DEVICE:-cuda}" PRESET="${PRESET:-default}" BATCH="${BATCH:-12}" SEQ="${SEQ:-1024}"
-export STEPS="${STEPS:-20}" DTYPE="${DTYPE:-bfloat16}"
+export STEPS="${STEPS:-20}" DTYPE="${DTYPE:-bfloat16}" MODES="${MODES:-eager compile}"
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" - <<'EOF'
@@ -40,7 +42,7 @@ p = count_parameters(cfg)
 flops = flops_per_token(cfg, T, p["active"], p["mtp"])
 peak = gpu_peak_flops(device)
 
-for mode in ("eager", "compile"):
+for mode in os.environ["MODES"].split():
     torch.manual_seed(0)
     model = Transformer(cfg).to(device).train()
     opt = configure_optimizer(model, 3e-4, 0.1, (0.9, 0.95), device.type)
@@ -86,6 +88,10 @@ for mode in ("eager", "compile"):
     if device.type == "cuda":
         torch.cuda.empty_cache()
 EOF
+
+if [ "$DEVICE" = cuda ] && [ "${DECODE:-1}" = 1 ]; then  # decoding: CUDA graphs, transformers side by side
+  "$PYTHON" benchmarks/bench_generate.py --device cuda --train-minutes 0 --skip-no-cache --repeats 2
+fi
 
 if [ -n "$DATA" ]; then
   OUT="$(mktemp -d)/run"
