@@ -207,12 +207,14 @@ def test_stop_strings_n_and_echo(server):
 
 
 # --------------------------------------------------------------------- batching
-@pytest.mark.parametrize("attention, compile", [("mla", False), ("mha", False),
-                                                pytest.param("mla", True, marks=pytest.mark.slow)])
-def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, compile, one_thread):
+@pytest.mark.parametrize("attention, mode", [("mla", "eager"), ("mha", "eager"), ("mla", "graphs"), ("mha", "graphs"),
+                                             pytest.param("mla", "compile", marks=pytest.mark.slow)])
+def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, mode, one_thread, monkeypatch):
     """Rows joining a running batch, a middle row leaving (the last one moves into its slot), a row
     sliding past the context: every row's greedy tokens are the ones `generate` gives it alone
-    (also with the decode step compiled, `serve --compile`)."""
+    (also with the decode step compiled, `serve --compile`, and with the fixed-shape step a CUDA
+    graph replays, run here through a stand-in that records the batch sizes)."""
+    from storyseek.generate import graphs
     from storyseek.generate.config import GenerateConfig, SamplingConfig
     from storyseek.generate.decode import generate_ids
     from storyseek.generate.load import load_model
@@ -228,7 +230,11 @@ def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, compile, one_th
     rows = [Row(prompt=tok.encode(p), max_tokens=n, sampling=greedy, stop_ids=frozenset(), raw=True) for p, n in asks]
     alone = [generate_ids(model, [r.prompt], GenerateConfig(max_tokens=r.max_tokens, sampling=greedy, speculative=False),
                           vocab_size=tok.vocab_size)[0] for r in rows]
-    engine = Engine(model, tok, max_batch=3, compile=compile)
+    batches = set()
+    if mode == "graphs":
+        monkeypatch.setattr(graphs, "graphs_supported", lambda device: True)
+        monkeypatch.setattr(graphs, "GraphedStep", lambda fn: lambda idx, pos: batches.add(len(idx)) or fn(idx, pos))
+    engine = Engine(model, tok, max_batch=3, compile=mode == "compile")
     waiting = list(rows)
     for step in range(200):
         if waiting and engine.free and step % 3 == 0:  # join every third step while a slot is free
@@ -242,6 +248,7 @@ def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, compile, one_th
             break
     assert [r.text for r in rows] == [tok.decode(a) for a in alone]
     assert all(r.finish_reason == "length" and r.generated == n for r, (_, n) in zip(rows, asks))
+    assert batches == ({1, 2, 3} if mode == "graphs" else set())
 
 
 PROMPTS = ["a brave little mouse", "a shy rabbit", "a clever fox", "a lost kitten"]

@@ -76,7 +76,7 @@ def create_app(cfg: ServeConfig, load: Callable[[], tuple] | None = None):
                 model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
             else:
                 model, tokenizer = load()
-            scheduler = Scheduler(Engine(model, tokenizer, cfg.max_batch, cfg.compile), cfg.max_queue)
+            scheduler = Scheduler(Engine(model, tokenizer, cfg.max_batch, cfg.compile, cfg.cuda_graphs), cfg.max_queue)
             scheduler.start()
             state.tokenizer, state.block_size = tokenizer, model.cfg.block_size
             state.scheduler = scheduler

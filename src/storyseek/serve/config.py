@@ -20,6 +20,8 @@ class ServeConfig:
                                   default_text="torch's default, one per core")
     compile: bool = setting(False, "compile the decode step with torch.compile at startup (about 30 s on a 2-core "
                                    "CPU), then faster steps for every request")
+    cuda_graphs: bool = setting(True, "on a CUDA GPU, replay the decode step as a CUDA graph, one recorded per "
+                                      "batch size at its first step")
     max_batch: int = setting(16, "sequences decoded together; a request with n choices takes n")
     max_tokens: int = setting(512, "new tokens per choice at most, and what a request that names none gets")
     max_prompt_chars: int = setting(1000, "longer prompts are answered 413")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.tokenizer import Tokenizer
+from ..generate import graphs
 from ..generate.config import SamplingConfig
 from ..generate.sampling import draw, probabilities
 from ..generate.text import TextStream
@@ -67,7 +68,8 @@ class Output:
 class Engine:
     """The decode batch. Not thread-safe: one thread (the scheduler's decode loop) drives it."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int, compile: bool = False):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int, compile: bool = False,
+                 cuda_graphs: bool = True):
         self.model, self.tokenizer = model, tokenizer
         # Decode steps through torch.compile (dynamic shapes: the batch and the attended length
         # change every step); prefills stay eager.
@@ -77,6 +79,11 @@ class Engine:
         self.device = model.embed.weight.device
         self.max_batch = max_batch
         self.cache = model.new_cache(max_batch)
+        # On a GPU: a CUDA graph per batch size, attending to the whole cache (generate/graphs.py).
+        self.graphed = None
+        if cuda_graphs and not compile and graphs.graphs_supported(self.device):
+            self.graphed = graphs.GraphedStep(lambda idx, pos: self.model(
+                idx, cache=self.cache.narrow(0, idx.shape[0]), pos=pos, length=self.block).logits[:, -1])
         self.rows: list[Row] = []  # rows[i] lives in cache slot i
         self._streams: dict[int, TextStream] = {}
         self._generators: dict[int, torch.Generator] = {}
@@ -139,8 +146,11 @@ class Engine:
             positions = [len(r.tokens) - 1 for r in self.rows]
             idx = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)  # [B, 1]
             pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # [B, 1]
-            logits = self.forward_step(idx, cache=self.cache.narrow(0, B), pos=pos,
-                                length=max(positions) + 1).logits[:, -1]  # [B, vocab]
+            if self.graphed:
+                logits = self.graphed(idx, pos)  # [B, vocab]: the graph's output, valid until its next replay
+            else:
+                logits = self.forward_step(idx, cache=self.cache.narrow(0, B), pos=pos,
+                                           length=max(positions) + 1).logits[:, -1]  # [B, vocab]
             return self._advance(self.rows, logits)
 
     def _prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
