@@ -9,7 +9,8 @@ Random weights: greedy speed does not depend on what the weights are, but MTP dr
 weights therefore show the cost of drafting, not its benefit. The `trained` section trains the tiny
 preset on the embedded story corpus for `--train-minutes` inside the benchmark, then decodes story
 prompts greedily (acceptance on real text): plain, speculative, auto, and transformers on the same
-weights. Every configuration runs `--repeats` times interleaved; medians are reported.
+weights, all on `--device` (on a CPU also `--compile`; on CUDA also without CUDA graphs). Every
+configuration runs `--repeats` times interleaved; medians are reported.
 
 Each row also reports its share of the weight-read limit: batch-1 decoding must read every weight a
 token touches (attention, dense FFN, shared + top-k experts, the vocab-sized head), so tokens/s can
@@ -127,9 +128,9 @@ def weight_limit(model: Transformer, batch: int, bandwidth: float) -> float:
     return bandwidth / (bytes_per_step(model, batch) / batch)
 
 
-def train_story_model(directory, minutes: float):
-    """The tiny preset trained on the embedded story corpus for `minutes` (the demo's recipe, shorter)
-    -> (model in eval mode, tokenizer)."""
+def train_story_model(directory, minutes: float, device: str = "cpu"):
+    """The tiny preset trained on the embedded story corpus for `minutes` on `device` (the demo's
+    recipe, shorter) -> ((model in eval mode, fp32, on `device`; tokenizer), checkpoint path)."""
     from storyseek.data.prepare import PrepareConfig, prepare
     from storyseek.generate.load import load_model
     from storyseek.train.config import build_train_config
@@ -138,9 +139,9 @@ def train_story_model(directory, minutes: float):
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the results (--json)
         data = prepare(PrepareConfig(dataset="builtin", max_docs=20_000, tokenizer="bpe:2048", out=str(directory / "data")))
         train(build_train_config(dict(data=str(data), out=str(directory), preset="tiny", max_minutes=minutes,
-                                      eval_interval=100, eval_iters=2, device="cpu", seed=1337)))
+                                      eval_interval=100, eval_iters=2, device=device, seed=1337)))
     best = directory / "best_model.pt"
-    return load_model(best if best.exists() else directory / "final_model.pt", device="cpu", dtype="float32"), best
+    return load_model(best if best.exists() else directory / "final_model.pt", device=device, dtype="float32"), best
 
 
 def run(quick: bool = False, repeats: int = 3, new_tokens: int | None = None, batches=(1, 8),
@@ -209,11 +210,11 @@ def run(quick: bool = False, repeats: int = 3, new_tokens: int | None = None, ba
                "transformers DeepseekV3 (caches expanded k/v), float32": cache_bytes_per_token(cfg, 4)["mha"]}}
     minutes = (0.5 if quick else 3.0) if train_minutes is None else train_minutes
     if minutes > 0:
-        out["trained"] = run_trained(minutes, repeats, 64 if quick else 256, hf, bandwidth)
+        out["trained"] = run_trained(minutes, repeats, 64 if quick else 256, hf, bandwidth, device)
     return out
 
 
-def run_trained(minutes: float, repeats: int, new_tokens: int, hf: bool, bandwidth: float) -> dict:
+def run_trained(minutes: float, repeats: int, new_tokens: int, hf: bool, bandwidth: float, device: str = "cpu") -> dict:
     """The tiny preset trained here on stories; batch 1, greedy, a story prompt, stops disabled."""
     import tempfile
     from pathlib import Path
@@ -223,18 +224,23 @@ def run_trained(minutes: float, repeats: int, new_tokens: int, hf: bool, bandwid
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        (model, tok), ckpt = train_story_model(Path(tmp), minutes)
+        (model, tok), ckpt = train_story_model(Path(tmp), minutes, device)
         trained_s = time.perf_counter() - t
         prompt = torch.tensor([encode_prompt(tok, PROMPTS[0], raw=False)])
         configs = {"storyseek latent cache": dict(speculative=False),
                    "storyseek cache + MTP speculative": dict(speculative=True),
-                   "storyseek auto (the default)": dict(),
-                   "storyseek latent cache, --compile": dict(speculative=False, compile=True),
-                   "storyseek auto, --compile": dict(compile=True)}
-        t = time.perf_counter()  # compile once (the 1-token step, then the 2-token verify), timed apart
-        for spec in (False, True):
-            time_ours(model, 1, 8, prompt, speculative=spec, compile=True)
-        compile_s = time.perf_counter() - t
+                   "storyseek auto (the default)": dict()}
+        compile_s = None
+        if torch.device(device).type == "cuda":  # CUDA graphs (the default there) against none
+            configs["storyseek latent cache, --no-cuda-graphs"] = dict(speculative=False, cuda_graphs=False)
+            configs["storyseek speculative, --no-cuda-graphs"] = dict(speculative=True, cuda_graphs=False)
+        else:
+            configs["storyseek latent cache, --compile"] = dict(speculative=False, compile=True)
+            configs["storyseek auto, --compile"] = dict(compile=True)
+            t = time.perf_counter()  # compile once (the 1-token step, then the 2-token verify), timed apart
+            for spec in (False, True):
+                time_ours(model, 1, 8, prompt, speculative=spec, compile=True)
+            compile_s = time.perf_counter() - t
         fns = {name: (lambda kw=kw: time_ours(model, 1, new_tokens, prompt, **kw)) for name, kw in configs.items()}
         if hf:
             import transformers
@@ -243,7 +249,7 @@ def run_trained(minutes: float, repeats: int, new_tokens: int, hf: bool, bandwid
 
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries the results (--json)
                 hf_dir = export_model(ckpt if ckpt.exists() else Path(tmp) / "final_model.pt", Path(tmp) / "hf")
-            ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
             fns["transformers DeepseekV3 + DynamicCache"] = lambda: time_hf(ref, 1, new_tokens, prompt)
         samples: dict[str, list] = {name: [] for name in fns}
         for _ in range(repeats):
@@ -309,7 +315,8 @@ def markdown(res: dict) -> str:
     if t:
         lines += ["", f"{t['model']}; batch 1, greedy, the story prompt \"{t['prompt']}\" ({t['prompt_tokens']} tokens), "
                       f"{t['new_tokens']} new tokens; greedy outputs of every storyseek path identical: "
-                      f"{t['greedy_identical']}; --compile compiled in {t['compile_s']:.0f} s (once, not in the rows)", "",
+                      f"{t['greedy_identical']}"
+                      + (f"; --compile compiled in {t['compile_s']:.0f} s (once, not in the rows)" if t["compile_s"] else ""), "",
                   "| path | tokens/s | share of weight-read limit | vs plain | vs transformers | MTP acceptance |",
                   "|---|---:|---:|---:|---:|---:|"]
         speed = {r["path"]: r["tokens_per_s"] for r in t["rows"]}

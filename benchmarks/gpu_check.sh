@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One short call on a fresh GPU machine (about 7 minutes on an H100): the default preset's training
+# One short call on a fresh GPU machine (about 8 minutes on an H100): the default preset's training
 # speed in bf16, eager and torch.compile'd: tokens/s, MFU, graph breaks, peak GPU memory; decoding
-# speed against transformers (bench_generate.py; DECODE=0 skips it); then, if a prepared data folder
+# speed against transformers, random and trained weights (bench_generate.py; DECODE=0 skips it,
+# TRAIN_MINUTES sets the tiny model's training, default 0.5); then, if a prepared data folder
 # is given, `storyseek train --compile` end to end on it.
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR]       # DATA_DIR: from `storyseek prepare` (optional)
@@ -90,7 +91,7 @@ for mode in os.environ["MODES"].split():
 EOF
 
 if [ "$DEVICE" = cuda ] && [ "${DECODE:-1}" = 1 ]; then  # decoding: CUDA graphs, transformers side by side
-  "$PYTHON" benchmarks/bench_generate.py --device cuda --train-minutes 0 --skip-no-cache --repeats 2
+  "$PYTHON" benchmarks/bench_generate.py --device cuda --train-minutes "${TRAIN_MINUTES:-0.5}" --skip-no-cache --repeats 2
 fi
 
 if [ -n "$DATA" ]; then
