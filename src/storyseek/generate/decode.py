@@ -20,6 +20,7 @@ Speculative step (MTP depth 1, DeepSeek-V3 section 2.2 used as a draft model, "s
 
 Between steps the host holds each row's tokens (for stops, the budget and the sliding window); the
 device holds the next input token and its position. One read-back per step carries the new tokens.
+On a CUDA GPU each step is replayed as a CUDA graph (generate/graphs.py): one launch, not a thousand.
 
 auto (speculative=None, the default for a model with MTP): the first steps alternate plain and
 speculative steps, timed up to their read-back, and decoding keeps the path with more tokens per
@@ -43,9 +44,9 @@ import torch
 from ..device import cached_probe, store_probe
 from ..errors import StoryseekError
 from ..model import CacheStep, LatentCache, Transformer
+from . import graphs
 from .config import GenerateConfig
 from .draft import draft_head
-from . import graphs
 from .sampling import draw, probabilities, speculative_accept
 
 
