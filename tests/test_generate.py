@@ -285,24 +285,29 @@ class _Replay:
 
 def test_graph_steps_attend_the_whole_cache_and_write_the_same_tokens(random_model, monkeypatch):
     """What a CUDA graph replays (generate/graphs.py): steps of fixed shapes that attend to all
-    block_size cache positions, the unwritten ones masked. Greedy tokens equal the exact-length
-    steps', through the sliding window (60 tokens > block_size 48), plain and speculative."""
+    block_size cache positions, the unwritten ones masked. They write the exact-length steps' tokens
+    through the sliding window (60 tokens > block_size 48): plain, speculative (a greedy verify is
+    one graph: tokens, drafts and positions [B] in), sampled speculative with a seed, and auto."""
     from storyseek.generate import graphs
 
-    for spec in (False, True):
-        cfg = GenerateConfig(max_tokens=60, sampling=GREEDY, speculative=spec)
+    sampled = SamplingConfig(temperature=1.0, top_p=0.9)
+    for spec, sampling in ((False, GREEDY), (True, GREEDY), (True, sampled), (None, GREEDY)):
+        cfg = GenerateConfig(max_tokens=60, sampling=sampling, speculative=spec, seed=5)
         exact = generate_ids(random_model, PROMPTS, cfg)
         with monkeypatch.context() as m:
             m.setattr(graphs, "graphs_supported", lambda device: True)
             m.setattr(graphs, "GraphedStep", _Replay)
             _Replay.shapes = set()
             assert generate_ids(random_model, PROMPTS, cfg) == exact
-            # plain: [B, 1] tokens and positions; speculative: the verify's [B, 2] and MTP's [B, 2, D]
-            assert (((3, 1), (3, 1)) in _Replay.shapes) != spec
-            assert (((3, 2), (3, 2)) in _Replay.shapes) == spec
-            assert (((3, 2, 64), (3, 2), (3, 2)) in _Replay.shapes) == spec
-        assert generate_ids(random_model, PROMPTS, GenerateConfig(max_tokens=60, sampling=GREEDY, speculative=spec,
-                                                                  cuda_graphs=False)) == exact
+            verify = {((3,), (3,), (3,))}  # the whole greedy verify
+            split = {((3, 2), (3, 2)), ((3, 2, 64), (3, 2), (3, 2))}  # the main model's and MTP's steps
+            plain = {((3, 1), (3, 1))}
+            if spec is None:  # auto: its probe's plain steps (and MTP catching up on one token), then verifies
+                assert _Replay.shapes == plain | {((3, 1, 64), (3, 1), (3, 1))} | verify
+            else:
+                assert _Replay.shapes == (plain if not spec else verify if sampling.greedy else split)
+        assert generate_ids(random_model, PROMPTS, GenerateConfig(max_tokens=60, sampling=sampling, speculative=spec,
+                                                                  seed=5, cuda_graphs=False)) == exact
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -206,9 +206,13 @@ class _Decoder:
         return self._logits(self.model.head(out.hidden[self.rows[: last.numel()], last]))
 
     def _steps(self, cache: LatentCache):
-        """The decode steps on `cache`: forward(idx [B, S], pos [B, S], length) -> (logits [B, S, V],
-        hidden [B, S, D]) and mtp(hidden, next_idx [B, S], pos, length) -> MTP's h [B, S, D].
-        On a GPU each is a CUDA graph per shape (generate/graphs.py), attending to the whole cache."""
+        """The decode steps on `cache` -> (forward, mtp, verify):
+        forward(idx [B, S], pos [B, S], length) -> (logits [B, S, V], hidden [B, S, D]);
+        mtp(hidden, next_idx [B, S], pos, length) -> MTP's h [B, S, D];
+        verify(tok, draft, q, pos, length) -> a speculative step's device work (_verify).
+        On a GPU they are CUDA graphs per shape (generate/graphs.py) attending to the whole cache, and
+        a greedy verify without a repetition penalty is a single graph, from the draft to the next
+        draft's logits (it needs no random generator and no host read)."""
         def forward(idx, pos, length):
             out = self.forward_step(idx, cache=cache, pos=pos, length=length)
             return self._logits(out.logits), out.hidden
@@ -216,11 +220,48 @@ class _Decoder:
         def mtp(hidden, nxt, pos, length):
             return self.mtp_step(hidden, nxt, cache, CacheStep.build(pos, length))
 
+        def verify(tok, draft, q, pos, length):
+            return self._verify(forward, mtp, tok, draft, q, pos, length)
+
         if not self.graphs:
-            return forward, mtp
+            return forward, mtp, verify
         forward_graph = graphs.GraphedStep(lambda idx, pos: forward(idx, pos, self.block))
         mtp_graph = graphs.GraphedStep(lambda hidden, nxt, pos: mtp(hidden, nxt, pos, self.block))
-        return (lambda idx, pos, length: forward_graph(idx, pos)), (lambda h, nxt, pos, length: mtp_graph(h, nxt, pos))
+
+        def graphed_forward(idx, pos, length):
+            return forward_graph(idx, pos)
+
+        def graphed_mtp(hidden, nxt, pos, length):
+            return mtp_graph(hidden, nxt, pos)
+
+        if self.sampling.greedy and self.seen is None:
+            verify_graph = graphs.GraphedStep(lambda tok, draft, pos: verify(tok, draft, None, pos, self.block))
+            return graphed_forward, graphed_mtp, lambda tok, draft, q, pos, length: verify_graph(tok, draft, pos)
+        return graphed_forward, graphed_mtp, lambda tok, draft, q, pos, length: self._verify(
+            graphed_forward, graphed_mtp, tok, draft, q, pos, length)
+
+    def _verify(self, forward, mtp, tok, draft, q, pos, length):
+        """A speculative step's device work. tok [B]: t_{n-1} (unfed) at pos [B]; draft [B]: the
+        proposal for t_n, drawn from q [B, V] (None when greedy) -> (accepted [B], first [B]: t_n,
+        bonus [B]: t_{n+1} where accepted, the next draft's logits [B, V])."""
+        # The main model on [t_{n-1}, d] at [n-1, n] gives p(t_n) and p(t_{n+1} | d).
+        pos2 = torch.stack([pos, pos + 1], dim=1)
+        logits, hidden = forward(torch.stack([tok, draft], dim=1), pos2, length)  # [B, 2, V], [B, 2, D]
+        seen, seen2 = self.seen, None
+        if seen is not None:
+            seen2 = seen.clone()
+            seen2[self.rows, draft] = True
+        if self.sampling.greedy:
+            first, _ = self._choose(logits[:, 0], seen)
+            accepted = first == draft
+        else:
+            accepted, first = speculative_accept(probabilities(logits[:, 0], self.sampling, seen), q, draft, self.gen)
+        bonus, _ = self._choose(logits[:, 1], seen2)
+        # MTP on both positions, (h_{n-1}, t_n) and (h_n, t_{n+1}), in the same step: the next
+        # draft comes from the last confirmed one, position n if accepted, else n-1. A rejected
+        # row's MTP latent at n (from a wrong h_n) is rewritten by its next step, as the main one.
+        h = mtp(hidden, torch.stack([first, bonus], dim=1), pos2, length)  # [B, 2, D]
+        return accepted, first, bonus, self._logits(self.draft(h[self.rows, accepted.long()]))
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> Iterator[list[list[int]]]:
@@ -285,9 +326,8 @@ class _Decoder:
 
     def _speculative(self) -> Iterator[list[list[int]]]:
         model, rows = self.model, self.rows
-        greedy = self.sampling.greedy
         cache = model.new_cache(len(self.seqs))
-        forward, mtp = self._steps(cache)
+        forward, mtp, verify = self._steps(cache)
         idx, last = self._pad(self.seqs)
         out = model(idx, cache=cache, last_only=True)
         tok, _ = self._choose(self._last(out, last), self.seen)
@@ -319,26 +359,8 @@ class _Decoder:
                 pos = (pos + 1).clamp_(max=self.block - 2)
                 yield self._accept(new)
                 continue
-            seen = self.seen
-            draft, q = self._choose(draft_logits, seen)
-            # Verify: the main model on [t_{n-1}, d] at [n-1, n] gives p(t_n) and p(t_{n+1} | d).
-            pos2 = torch.stack([pos, pos + 1], dim=1)
-            logits, hidden = forward(torch.stack([tok, draft], dim=1), pos2, length)  # [B, 2, V], [B, 2, D]
-            seen2 = None
-            if seen is not None:
-                seen2 = seen.clone()
-                seen2[rows, draft] = True
-            if greedy:
-                first, _ = self._choose(logits[:, 0], seen)
-                accepted = first == draft
-            else:
-                accepted, first = speculative_accept(probabilities(logits[:, 0], self.sampling, seen), q, draft, self.gen)
-            bonus, _ = self._choose(logits[:, 1], seen2)
-            # MTP on both positions, (h_{n-1}, t_n) and (h_n, t_{n+1}), in the same step: the next
-            # draft comes from the last confirmed one, position n if accepted, else n-1. A rejected
-            # row's MTP latent at n (from a wrong h_n) is rewritten by its next step, as the main one.
-            h = mtp(hidden, torch.stack([first, bonus], dim=1), pos2, length)  # [B, 2, D]
-            draft_logits = self._logits(self.draft(h[rows, accepted.long()]))
+            draft, q = self._choose(draft_logits, self.seen)
+            accepted, first, bonus, draft_logits = verify(tok, draft, q, pos, length)
             tok = torch.where(accepted, bonus, first)
             pos = (pos + 1 + accepted).clamp_(max=self.block - 2)  # finished rows stay in range
             acc, first_l, bonus_l = torch.stack([accepted, first, bonus]).tolist()
