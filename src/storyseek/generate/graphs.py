@@ -11,8 +11,8 @@ launches of one step once and replays them with a single call. What that needs f
   decode, and the outputs are the graph's own tensors, valid until its next replay.
 
 A step is idempotent (it writes the same latents at the same positions), so the warm-up runs that
-precede the capture can use the real first inputs. Sampling stays outside the graph (its random
-generator advances on the host).
+precede the capture can use the real first inputs. Random sampling stays outside the graph (its
+generator advances on the host); greedy choices (argmax) may be inside.
 """
 
 from __future__ import annotations
