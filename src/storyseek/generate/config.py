@@ -53,8 +53,8 @@ class GenerateConfig:
     compile: bool = setting(False, "compile the decode step with torch.compile: once per process (about 30 s on a "
                                    "2-core CPU), then faster steps (1.5x for the tiny preset there); pays off for "
                                    "long outputs")
-    cuda_graphs: bool = setting(True, "on a CUDA GPU, replay each decode step as a CUDA graph, recorded at the first "
-                                      "step (milliseconds): one launch instead of ~1,000 small kernels per token")
+    cuda_graphs: bool = setting(True, "on a CUDA GPU, replay each decode step as a CUDA graph, recorded when the step "
+                                      "first runs: one launch instead of ~1,000 small kernels per token")
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -133,7 +133,7 @@ class _Decoder:
         self.draft = draft_head(model) if self.speculative else None  # MTP's head: int8 where faster
         stats.draft = self.draft.why if self.draft else ""
         self.device = model.embed.weight.device
-        self.graphs = cfg.cuda_graphs and not cfg.compile and graphs.graphs_supported(self.device)
+        self.graphs = graphs.use_graphs(cfg.cuda_graphs, cfg.compile, self.device)
         self.gen = torch.Generator(device=self.device)
         if cfg.seed is None:
             self.gen.seed()
@@ -225,18 +225,15 @@ class _Decoder:
 
         if not self.graphs:
             return forward, mtp, verify
-        forward_graph = graphs.GraphedStep(lambda idx, pos: forward(idx, pos, self.block))
-        mtp_graph = graphs.GraphedStep(lambda hidden, nxt, pos: mtp(hidden, nxt, pos, self.block))
 
-        def graphed_forward(idx, pos, length):
-            return forward_graph(idx, pos)
+        def whole_cache(fn):  # fn(*tensors, length) as a CUDA graph per shape, attending to all positions
+            graph = graphs.GraphedStep(lambda *args: fn(*args, self.block))
+            return lambda *args: graph(*args[:-1])  # the caller's attended length is not needed
 
-        def graphed_mtp(hidden, nxt, pos, length):
-            return mtp_graph(hidden, nxt, pos)
-
+        graphed_forward, graphed_mtp = whole_cache(forward), whole_cache(mtp)
         if self.sampling.greedy and self.seen is None:
-            verify_graph = graphs.GraphedStep(lambda tok, draft, pos: verify(tok, draft, None, pos, self.block))
-            return graphed_forward, graphed_mtp, lambda tok, draft, q, pos, length: verify_graph(tok, draft, pos)
+            graphed_verify = whole_cache(lambda tok, draft, pos, length: verify(tok, draft, None, pos, length))
+            return graphed_forward, graphed_mtp, lambda tok, draft, q, pos, length: graphed_verify(tok, draft, pos, length)
         return graphed_forward, graphed_mtp, lambda tok, draft, q, pos, length: self._verify(
             graphed_forward, graphed_mtp, tok, draft, q, pos, length)
 

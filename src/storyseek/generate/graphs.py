@@ -28,6 +28,12 @@ def graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def use_graphs(requested: bool, compile: bool, device: torch.device) -> bool:
+    """Whether decode steps run as CUDA graphs: asked for (--cuda-graphs, the default), not compiled
+    instead (--compile), and on a device that has them."""
+    return requested and not compile and graphs_supported(device)
+
+
 class GraphedStep:
     """fn(*tensors) -> tensor or tuple of tensors, captured once per input shapes and replayed after."""
 
