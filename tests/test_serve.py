@@ -221,13 +221,15 @@ def test_stop_strings_n_and_echo(server):
 
 
 # --------------------------------------------------------------------- batching
-@pytest.mark.parametrize("attention, mode", [("mla", "eager"), ("mha", "eager"), ("mla", "graphs"), ("mha", "graphs"),
-                                             pytest.param("mla", "compile", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("attention, mode", [
+    ("mla", "eager"), ("mha", "eager"), ("mla", "graphs"), ("mha", "graphs"),
+    pytest.param("mla", "compile", marks=pytest.mark.slow),
+    pytest.param("mla", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, mode, one_thread, monkeypatch):
     """Rows joining a running batch, a middle row leaving (the last one moves into its slot), a row
     sliding past the context: every row's greedy tokens are the ones `generate` gives it alone
     (also with the decode step compiled, `serve --compile`, and with the fixed-shape step a CUDA
-    graph replays, run here through a stand-in that records the batch sizes)."""
+    graph replays, run through a stand-in that records the batch sizes, and on a GPU for real)."""
     from storyseek.generate import graphs
     from storyseek.generate.config import GenerateConfig, SamplingConfig
     from storyseek.generate.decode import generate_ids
@@ -235,19 +237,24 @@ def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, mode, one_threa
     from storyseek.model import Transformer
     from storyseek.serve.engine import Engine, Row
 
-    model, tok = load_model(ckpt, device="cpu")
+    device = "cuda" if mode == "cuda" else "cpu"
+    model, tok = load_model(ckpt, device=device, dtype="float32")
     if attention == "mha":
         torch.manual_seed(0)
         model = Transformer(model.cfg.replace(attention="mha")).eval()
     greedy = SamplingConfig(temperature=0)
     asks = [("Once upon a time", 80), ("A shy rabbit", 12), ("The fox", 30), ("A kitten", 25)]  # 80 > context 64
     rows = [Row(prompt=tok.encode(p), max_tokens=n, sampling=greedy, stop_ids=frozenset(), raw=True) for p, n in asks]
-    alone = [generate_ids(model, [r.prompt], GenerateConfig(max_tokens=r.max_tokens, sampling=greedy, speculative=False),
-                          vocab_size=tok.vocab_size)[0] for r in rows]
+    alone = [generate_ids(model, [r.prompt], GenerateConfig(max_tokens=r.max_tokens, sampling=greedy, speculative=False,
+                                                             cuda_graphs=False), vocab_size=tok.vocab_size)[0]
+             for r in rows]
     batches = set()
     if mode == "graphs":
         monkeypatch.setattr(graphs, "graphs_supported", lambda device: True)
         monkeypatch.setattr(graphs, "GraphedStep", lambda fn: lambda idx, pos: batches.add(len(idx)) or fn(idx, pos))
+    if mode == "cuda":  # the real graphs, recording the batch sizes they capture
+        real = graphs.GraphedStep
+        monkeypatch.setattr(graphs, "GraphedStep", lambda fn: real(lambda idx, pos: batches.add(len(idx)) or fn(idx, pos)))
     engine = Engine(model, tok, max_batch=3, compile=mode == "compile")
     waiting = list(rows)
     for step in range(200):
@@ -262,7 +269,7 @@ def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, mode, one_threa
             break
     assert [r.text for r in rows] == [tok.decode(a) for a in alone]
     assert all(r.finish_reason == "length" and r.generated == n for r, (_, n) in zip(rows, asks))
-    assert batches == ({1, 2, 3} if mode == "graphs" else set())
+    assert batches == ({1, 2, 3} if mode in ("graphs", "cuda") else set())
 
 
 PROMPTS = ["a brave little mouse", "a shy rabbit", "a clever fox", "a lost kitten"]
