@@ -13,9 +13,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 25, 7 * 300])  # one chunk; 7-row chunks (a ragged last one)
-def test_linear_cross_entropy_equals_the_plain_path(monkeypatch, chunk_elements):
+# one chunk; 7-row chunks (a ragged last one); compiled: the fusible form of the gradient
+@pytest.mark.parametrize("chunk_elements, compiled", [(1 << 25, False), (7 * 300, False), (7 * 300, True)])
+def test_linear_cross_entropy_equals_the_plain_path(monkeypatch, chunk_elements, compiled):
     monkeypatch.setattr(vocab_loss, "CHUNK_ELEMENTS", chunk_elements)
+    loss = torch.compile(linear_cross_entropy, fullgraph=True) if compiled else linear_cross_entropy
     torch.manual_seed(0)
     h = torch.randn(2, 25, 48, requires_grad=True)
     w = (0.3 * torch.randn(300, 48)).requires_grad_()
@@ -23,12 +25,12 @@ def test_linear_cross_entropy_equals_the_plain_path(monkeypatch, chunk_elements)
     t[0, ::4] = -1  # ignored positions count neither in the sum nor in the mean
     plain = F.cross_entropy((h @ w.T).flatten(0, 1), t.flatten(), ignore_index=-1)
     ph, pw = torch.autograd.grad(plain, (h, w))
-    ours = linear_cross_entropy(h, w, t)
+    ours = loss(h, w, t)
     oh, ow = torch.autograd.grad(2.5 * ours, (h, w))  # the incoming gradient scales both
     assert abs(ours.item() - plain.item()) <= 1e-5 * plain.item()
     assert rel(oh, 2.5 * ph) <= 1e-4 and rel(ow, 2.5 * pw) <= 1e-4
     with torch.no_grad():  # evaluation: the same loss, no gradient work
-        assert abs(linear_cross_entropy(h, w, t).item() - plain.item()) <= 1e-5 * plain.item()
+        assert abs(loss(h, w, t).item() - plain.item()) <= 1e-5 * plain.item()
 
 
 def test_linear_cross_entropy_under_bf16_autocast_matches_the_plain_path():

@@ -55,9 +55,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss -= (logp.gather(1, t_c).squeeze(1) * v_c).sum()
             if not want_grad:
                 continue
-            # d loss_row / d z = softmax(z) - onehot(target), in place of logp; the row scale goes
-            # on the [C, D] operands, not on the [C, V] chunk.
-            dz = logp.exp_().scatter_add_(1, t_c, torch.full_like(t_c, -1, dtype=logp.dtype)).to(h.dtype)
+            # d loss_row / d z = softmax(z) - onehot(target); the row scale goes on the [C, D]
+            # operands, not on the [C, V] chunk. Eagerly: in place of logp, no [C, V] pass more.
+            # Compiled: one pointwise expression, which inductor fuses into the softmax's kernel and
+            # writes once in h's dtype (an in-place scatter would make it write fp32 [C, V] first).
+            if torch.compiler.is_compiling():
+                col = torch.arange(logp.size(1), device=logp.device)  # [V]
+                dz = (logp.exp() - (col == t_c).to(logp.dtype)).to(h.dtype)
+            else:
+                dz = logp.exp_().scatter_add_(1, t_c, torch.full_like(t_c, -1, dtype=logp.dtype)).to(h.dtype)
             dh[s : s + chunk] = (dz @ weight) * s_c
             if dz.dtype == torch.float32:
                 dw.addmm_(dz.T, h_c * s_c)
