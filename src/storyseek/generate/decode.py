@@ -133,7 +133,7 @@ class _Decoder:
         self.draft = draft_head(model) if self.speculative else None  # MTP's head: int8 where faster
         stats.draft = self.draft.why if self.draft else ""
         self.device = model.embed.weight.device
-        self.graphs = graphs.use_graphs(cfg.cuda_graphs, cfg.compile, self.device)
+        self.graphs = graphs.use_graphs(cfg.cuda_graphs, self.device)
         self.gen = torch.Generator(device=self.device)
         if cfg.seed is None:
             self.gen.seed()

@@ -81,7 +81,7 @@ class Engine:
         self.cache = model.new_cache(max_batch)
         # On a GPU: a CUDA graph per batch size, attending to the whole cache (generate/graphs.py).
         self.graphed = None
-        if graphs.use_graphs(cuda_graphs, compile, self.device):
+        if graphs.use_graphs(cuda_graphs, self.device):
             self.graphed = graphs.GraphedStep(lambda idx, pos: self.model(
                 idx, cache=self.cache.narrow(0, idx.shape[0]), pos=pos, length=self.block).logits[:, -1])
         self.rows: list[Row] = []  # rows[i] lives in cache slot i
