@@ -10,14 +10,16 @@
 # Runs from a source checkout without installing it (PYTHONPATH=src); needs a python with CUDA torch.
 # Overrides for a dry run of the same code on a CPU (what CI can check):
 #   DEVICE=cpu PRESET=tiny BATCH=2 SEQ=64 STEPS=2 DTYPE=float32 bash benchmarks/gpu_check.sh
-# MODES="eager" (or "compile") runs one of the two.
+# MODES="eager" (or "compile") runs one of the two; "reduce-overhead" adds torch.compile's mode of that
+# name (CUDA graphs around the compiled forward and backward). PROFILE=1 prints, per mode, how much of a
+# step the GPU is busy and its top kernels (torch.profiler, 3 steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 DATA="${1:-}"
 export DEVICE="${DEVICE:-cuda}" PRESET="${PRESET:-default}" BATCH="${BATCH:-12}" SEQ="${SEQ:-1024}"
-export STEPS="${STEPS:-20}" DTYPE="${DTYPE:-bfloat16}" MODES="${MODES:-eager compile}"
+export STEPS="${STEPS:-20}" DTYPE="${DTYPE:-bfloat16}" MODES="${MODES:-eager compile}" PROFILE="${PROFILE:-0}"
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" - <<'EOF'
@@ -50,13 +52,13 @@ for mode in os.environ["MODES"].split():
     idx = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
     x, y = idx[:, :-1], idx[:, 1:]
     breaks = "-"
-    if mode == "compile":
+    if mode != "eager":
         torch._dynamo.reset()
         with autocast(device, dtype):
             explained = torch._dynamo.explain(model)(x, y)
         breaks = f"{explained.graph_break_count} ({'; '.join(str(r.reason) for r in explained.break_reasons[:3]) or 'none'})"
         torch._dynamo.reset()
-    fwd = torch.compile(model) if mode == "compile" else model
+    fwd = model if mode == "eager" else torch.compile(model, mode=None if mode == "compile" else mode)
 
     def step():
         with autocast(device, dtype):
@@ -67,7 +69,7 @@ for mode in os.environ["MODES"].split():
         model.update_expert_bias()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return loss
+        return loss.detach().clone()  # reduce-overhead: a graph output is overwritten by the next replay
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -83,8 +85,20 @@ for mode in os.environ["MODES"].split():
     tps = B * T / statistics.median(times)
     mfu = f"{100 * flops * tps / peak:.1f}%" if peak else "- (no known peak for this device)"
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "-"
-    print(f"{mode:8s} tokens/s {tps:,.0f} | MFU {mfu} | graph breaks {breaks} | peak memory {mem} | "
+    print(f"{mode:15s} tokens/s {tps:,.0f} | MFU {mfu} | graph breaks {breaks} | peak memory {mem} | "
           f"first step {warm:.1f}s | loss {first.item():.3f} -> {last.item():.3f}", flush=True)
+    if os.environ["PROFILE"] == "1" and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels)  # microseconds, 3 steps
+        print(f"  GPU busy {busy / 3e3:.1f} ms of a {1e3 * statistics.median(times):.1f} ms step; top kernels:")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]:
+            print(f"  {100 * e.self_device_time_total / busy:5.1f}% {e.self_device_time_total / 3e3:6.2f} ms "
+                  f"x{e.count // 3:<4d} {e.key[:100]}")
     del model, opt, fwd
     if device.type == "cuda":
         torch.cuda.empty_cache()
