@@ -1,4 +1,5 @@
-"""--device and --dtype: one meaning of auto; the CPU's bf16 choice measured (injected here), cached."""
+"""--device, --dtype and training's --compile: one meaning of auto; the CPU's bf16 choice measured
+(injected here), cached."""
 
 import json
 
@@ -82,6 +83,24 @@ def test_cuda_auto_keeps_bf16_without_a_probe(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     dtype, why = resolve_dtype("auto", torch.device("cuda"))
     assert dtype == torch.float16 and "gradient scaler" in why
+
+
+def test_compile_auto_is_on_for_a_cuda_gpu_with_triton_only(monkeypatch):
+    from importlib import util
+
+    real = util.find_spec
+    triton = {"here": True}
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: (object() if triton["here"] else None)
+                        if name == "triton" else real(name, *a))
+    cuda = torch.device("cuda")
+    assert device.resolve_compile(None, cuda) == (True, "on (auto: a CUDA GPU; --no-compile turns it off)")
+    assert device.resolve_compile(None, CPU) == (False, "off (auto: a cpu device; --compile turns it on)")
+    assert device.resolve_compile(None, torch.device("mps"))[0] is False
+    assert device.resolve_compile(True, CPU) == (True, "on (--compile)")  # asked for: on any device
+    assert device.resolve_compile(False, cuda) == (False, "off (--no-compile)")
+    triton["here"] = False  # e.g. Windows: inductor has no GPU backend without triton
+    compile, why = device.resolve_compile(None, cuda)
+    assert not compile and "triton" in why
 
 
 def test_the_decode_layout_probe_is_cached_and_the_real_one_returns_a_probed_row_count(monkeypatch, tmp_path):

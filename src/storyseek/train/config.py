@@ -71,7 +71,10 @@ class TrainConfig:
     dtype: str = setting("auto", "auto: bf16 autocast on GPUs (fp16 + grad scaler without bf16); on a CPU bf16 "
                                  "only where a short cached probe measures it clearly faster, else float32",
                          choices=DTYPES)
-    compile: bool = setting(False, "torch.compile the model (inductor, GPU or CPU; compiling takes minutes)")
+    compile: bool | None = setting(None, "torch.compile the training step (inductor, GPU or CPU); the first "
+                                         "iteration waits for the compiling",
+                                   default_text="auto: on for a CUDA GPU (there about a minute of compiling, then "
+                                                "1.7-2.3x the eager tokens/s on an H100), off elsewhere")
     seed: int = setting(1337, "random seed")
     resume: bool = setting(False, "continue from OUT/latest.pt")
     init_from: str | None = setting(None, "start from the weights of this checkpoint or exported directory (fine-tuning)",

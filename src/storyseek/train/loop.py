@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from ..checkpoint.pt import BEST, FINAL, LATEST, METRICS_CSV
 from ..data.batches import RandomWindows
-from ..device import autocast, resolve_dtype
+from ..device import autocast, resolve_compile, resolve_dtype
 from ..data.shards import load_meta, open_tokens
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import StoryseekError
@@ -142,7 +142,8 @@ class Trainer:
         self.train_batches = RandomWindows(self.train_data, cfg.batch_size, self.T, self.device, cfg.seed + d.rank,
                                            self.state.rng["sampler"] if self.state.rng else None)
         del start
-        self.model = _wrap(self.raw_model, cfg, d)
+        self.compile, self.compile_why = resolve_compile(cfg.compile, self.device)
+        self.model = _wrap(self.raw_model, self.compile, d)
 
         # ------------------------------------------------- what we report
         self.tokens_per_iter = cfg.batch_size * self.T * cfg.grad_accum * d.world_size
@@ -171,6 +172,7 @@ class Trainer:
         self.say(f"{self.tokens_per_iter:,} tokens per iteration (batch {cfg.batch_size} x block {self.T} x "
                  f"grad_accum {cfg.grad_accum} x {d.world_size} ranks); data {cfg.data}: "
                  f"{len(self.train_data):,} train tokens")
+        self.say(f"torch.compile {self.compile_why}" + (": the first iteration waits for the compiling" if self.compile else ""))
         if cfg.resume:
             self.say(f"resuming from {self.source} at iter {self.state.iter_num}")
         elif cfg.init_from:
@@ -406,9 +408,9 @@ def _agreed_dtype(name: str, device: torch.device, model_cfg: ModelConfig, token
     return dtype, why
 
 
-def _wrap(model: Transformer, cfg: TrainConfig, d: distributed.Dist) -> torch.nn.Module:
+def _wrap(model: Transformer, compile: bool, d: distributed.Dist) -> torch.nn.Module:
     """What the training step calls: the model, compiled (--compile), inside DDP (torchrun)."""
-    if cfg.compile:
+    if compile:
         model = torch.compile(model)
     if not d.enabled:
         return model
