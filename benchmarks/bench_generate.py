@@ -139,7 +139,8 @@ def train_story_model(directory, minutes: float, device: str = "cpu"):
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the results (--json)
         data = prepare(PrepareConfig(dataset="builtin", max_docs=20_000, tokenizer="bpe:2048", out=str(directory / "data")))
         train(build_train_config(dict(data=str(data), out=str(directory), preset="tiny", max_minutes=minutes,
-                                      eval_interval=100, eval_iters=2, device=device, seed=1337)))
+                                      eval_interval=100, eval_iters=2, device=device, seed=1337,
+                                      compile=False)))  # minutes: compiling would eat the budget
     best = directory / "best_model.pt"
     return load_model(best if best.exists() else directory / "final_model.pt", device=device, dtype="float32"), best
 

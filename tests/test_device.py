@@ -96,8 +96,8 @@ def test_compile_auto_is_on_for_a_cuda_gpu_with_triton_only(monkeypatch):
     assert device.resolve_compile(None, cuda) == (True, "on (auto: a CUDA GPU; --no-compile turns it off)")
     assert device.resolve_compile(None, CPU) == (False, "off (auto: a cpu device; --compile turns it on)")
     assert device.resolve_compile(None, torch.device("mps"))[0] is False
-    assert device.resolve_compile(True, CPU) == (True, "on (--compile)")  # asked for: on any device
-    assert device.resolve_compile(False, cuda) == (False, "off (--no-compile)")
+    assert device.resolve_compile(True, CPU) == (True, "on")  # asked for: on any device
+    assert device.resolve_compile(False, cuda) == (False, "off")
     triton["here"] = False  # e.g. Windows: inductor has no GPU backend without triton
     compile, why = device.resolve_compile(None, cuda)
     assert not compile and "triton" in why

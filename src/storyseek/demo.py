@@ -57,9 +57,10 @@ def run_demo(cfg: DemoConfig) -> Path:
                                  out=str(out / "data")))
 
     _step(2, f"train the tiny preset (MLA + MoE + MTP) for about {cfg.minutes:g} minutes")
-    # Short, frequent evaluations: a curve worth plotting for ~1% of the time budget.
+    # Short, frequent evaluations: a curve worth plotting for ~1% of the time budget. Never compiled:
+    # in a run of minutes the compiling (up to a minute) would take a large share of the budget.
     train(build_train_config(dict(data=str(data), out=str(out), preset="tiny", max_minutes=cfg.minutes,
-                                  eval_interval=50, eval_iters=4, device=cfg.device, seed=cfg.seed)))
+                                  eval_interval=50, eval_iters=4, device=cfg.device, seed=cfg.seed, compile=False)))
 
     _step(3, "write two stories")
     best = out / "best_model.pt"
