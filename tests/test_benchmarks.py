@@ -53,6 +53,21 @@ def test_bench_export_decodes_the_export_in_both_engines(benchmarks):
     assert "transformers" in bench_export.markdown(res)
 
 
+def test_profile_decode_counts_the_work_of_a_plain_and_a_speculative_step(benchmarks, tmp_path):
+    import bench_export
+    import profile_decode
+
+    model_dir = bench_export._export(None, "tiny", tmp_path)  # random weights: drafts mostly rejected
+    res = profile_decode.run(str(model_dir), "cpu", tokens=8)
+    plain, spec = res["rows"]
+    assert plain["steps"] == plain["tokens"] == 8 and 5 <= spec["steps"] <= 8  # the prefill counts as one
+    # a verify runs the trunk on two tokens, then MTP's block and the draft head: more operations
+    assert 0 < plain["device_ops_per_step"] < spec["device_ops_per_step"]
+    assert plain["top"][0][1] > 0
+    report = profile_decode.markdown(res)
+    assert "| cost in plain steps |" in report and "A speculative step pays below" in report
+
+
 def test_bench_sampling_compares_with_a_full_sort(benchmarks):
     import bench_sampling
 
