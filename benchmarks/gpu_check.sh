@@ -12,7 +12,8 @@
 #   DEVICE=cpu PRESET=tiny BATCH=2 SEQ=64 STEPS=2 DTYPE=float32 bash benchmarks/gpu_check.sh
 # MODES="eager" (or "compile") runs one of the two; "reduce-overhead" adds torch.compile's mode of that
 # name (CUDA graphs around the compiled forward and backward). PROFILE=1 prints, per mode, how much of a
-# step the GPU is busy and its top kernels (torch.profiler, 3 steps).
+# step the GPU is busy and its top kernels (torch.profiler, 3 steps). DECODE_MODEL=CKPT (a trained model
+# with MTP, e.g. the demo's best_model.pt) adds profile_decode.py on it: plain against speculative steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -106,6 +107,10 @@ EOF
 
 if [ "$DEVICE" = cuda ] && [ "${DECODE:-1}" = 1 ]; then  # decoding: CUDA graphs, transformers side by side
   "$PYTHON" benchmarks/bench_generate.py --device cuda --train-minutes "${TRAIN_MINUTES:-0.5}" --skip-no-cache --repeats 2
+fi
+
+if [ "$DEVICE" = cuda ] && [ -n "${DECODE_MODEL:-}" ]; then  # where a decode step's GPU time goes
+  "$PYTHON" benchmarks/profile_decode.py --model "$DECODE_MODEL" --device cuda --tokens 200
 fi
 
 if [ -n "$DATA" ]; then
