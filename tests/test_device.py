@@ -92,8 +92,14 @@ def test_compile_auto_is_on_for_a_cuda_gpu_with_triton_only(monkeypatch):
     triton = {"here": True}
     monkeypatch.setattr(util, "find_spec", lambda name, *a: (object() if triton["here"] else None)
                         if name == "triton" else real(name, *a))
+    capability = {"now": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability["now"])
     cuda = torch.device("cuda")
     assert device.resolve_compile(None, cuda) == (True, "on (auto: a CUDA GPU; --no-compile turns it off)")
+    capability["now"] = (6, 0)  # a P100: too old for triton
+    compile, why = device.resolve_compile(None, cuda)
+    assert not compile and "compute capability 7.0 or newer, this one is 6.0" in why
+    capability["now"] = (7, 5)
     assert device.resolve_compile(None, CPU) == (False, "off (auto: a cpu device; --compile turns it on)")
     assert device.resolve_compile(None, torch.device("mps"))[0] is False
     assert device.resolve_compile(True, CPU) == (True, "on")  # asked for: on any device

@@ -110,7 +110,8 @@ def resolve_compile(requested: bool | None, device: torch.device) -> tuple[bool,
 
     auto is on for a CUDA GPU: there the compiled step of the default preset ran at 1.7-2.3x the eager
     tokens/s on an H100 (fewer, fused kernels), after about a minute of compiling, which a run of
-    hours repays at once. Inductor needs triton on a GPU (torch's Linux CUDA wheels bring it).
+    hours repays at once. Inductor needs triton on a GPU (torch's Linux CUDA wheels bring it), and
+    triton needs compute capability 7.0 or newer (a P100, still common on free notebooks, is 6.0).
     Off elsewhere: on a CPU it gained 1.1-1.7x only after 26-80 s of compiling, more than a short
     run saves; MPS is not a target of inductor's training kernels."""
     if requested is not None:
@@ -119,6 +120,9 @@ def resolve_compile(requested: bool | None, device: torch.device) -> tuple[bool,
         return False, f"off (auto: a {device.type} device; --compile turns it on)"
     if importlib.util.find_spec("triton") is None:
         return False, "off (auto: triton, which torch.compile needs on a GPU, is not installed)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return False, f"off (auto: triton needs a GPU of compute capability 7.0 or newer, this one is {major}.{minor})"
     return True, "on (auto: a CUDA GPU; --no-compile turns it off)"
 
 

@@ -73,8 +73,8 @@ class TrainConfig:
                          choices=DTYPES)
     compile: bool | None = setting(None, "torch.compile the training step (inductor, GPU or CPU); the first "
                                          "iteration waits for the compiling",
-                                   default_text="auto: on for a CUDA GPU (there about a minute of compiling, then "
-                                                "1.7-2.3x the eager tokens/s on an H100), off elsewhere")
+                                   default_text="auto: on for a CUDA GPU that triton supports (there about a minute of "
+                                                "compiling, then 1.7-2.3x the eager tokens/s on an H100), off elsewhere")
     seed: int = setting(1337, "random seed")
     resume: bool = setting(False, "continue from OUT/latest.pt")
     init_from: str | None = setting(None, "start from the weights of this checkpoint or exported directory (fine-tuning)",
