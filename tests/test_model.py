@@ -279,6 +279,31 @@ def test_tiny_model_with_mtp_overfits_one_batch():
     assert out.loss.item() < first / 10, (first, out.loss.item())
 
 
+def _built_counts(cfg) -> dict[str, int]:
+    """What count_parameters promises, counted on a model built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    embedding = model.embed.weight.numel() + (0 if cfg.tie_embeddings else model.head.weight.numel())
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    moe = model.moe_layers()
+    idle = sum(p.numel() for m in moe[: cfg.n_moe_layers] for e in m.experts[cfg.n_activated_experts:]
+               for p in e.parameters())
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding - mtp,
+            "active": total - embedding - mtp - idle, "mtp": mtp}
+
+
+@pytest.mark.parametrize("changes", [
+    {}, dict(attention="mha"), dict(ffn="dense"), dict(q_lora_rank=24), dict(tie_embeddings=False),
+    dict(mtp_depth=0), dict(mtp_depth=2, n_shared_experts=0), dict(n_dense_layers=0, n_routed_experts=6),
+    dict(ffn="dense", attention="mha", mtp_depth=0),
+], ids=str)
+def test_parameter_counts_from_the_config_equal_a_built_model(changes):
+    for preset in ("tiny", "default"):
+        cfg = get_preset(preset).replace(**changes)
+        assert count_parameters(cfg) == _built_counts(cfg), (preset, changes)
+
+
 def test_default_preset_counts_in_range_and_match_readme():
     counts = count_parameters(get_preset("default"))
     assert 12e6 <= counts["non_embedding"] <= 20e6

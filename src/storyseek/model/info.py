@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from .config import ModelConfig, get_preset
-from .transformer import Transformer
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """Unique parameter counts, built on the meta device (no memory, no init cost).
+    """Unique parameter counts, from the config's shapes (tests/test_model.py checks them against
+    built models of every variant). Arithmetic, not a model on the meta device: the meta kernels
+    of nn.init import torch._dynamo, 1.6 s of every `storyseek generate`.
 
     embedding:      token embedding (+ the output head when it is not tied)
     non_embedding:  the main model without the embedding/head and without MTP
@@ -19,17 +18,24 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     active:         non-embedding parameters one token actually runs through (k of E routed experts)
     total:          everything stored, MTP included
     """
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    unique = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in unique.values())
-    embedding = model.embed.weight.numel() + (0 if cfg.tie_embeddings else model.head.weight.numel())
-    mtp = sum(p.numel() for p in model.mtp.parameters())
-    non_embedding = total - embedding - mtp
-    expert = sum(p.numel() for p in model.moe_layers()[0].experts[0].parameters()) if model.moe_layers() else 0
-    idle_experts = cfg.n_routed_experts - cfg.n_activated_experts
-    active = non_embedding - cfg.n_moe_layers * idle_experts * expert
-    return {"total": total, "embedding": embedding, "non_embedding": non_embedding, "active": active, "mtp": mtp}
+    D, H, d_qk, d_v = cfg.n_embd, cfg.n_head, cfg.qk_head_dim, cfg.v_head_dim
+    if cfg.attention == "mha":
+        attn = 2 * D * H * d_qk + 2 * D * H * d_v  # wq, wk; wv, wo
+    else:  # MLA: the query (plain, or wq_a + q_norm + wq_b), wkv_a, kv_norm, wkv_b, wo
+        q = D * H * d_qk if cfg.q_lora_rank == 0 else cfg.q_lora_rank * (D + 1 + H * d_qk)
+        r = cfg.kv_lora_rank
+        attn = q + D * (r + cfg.qk_rope_head_dim) + r * (1 + H * (cfg.qk_nope_head_dim + d_v)) + H * d_v * D
+    expert = 3 * D * cfg.moe_inter_dim  # SwiGLU: w1, w2, w3
+    ffn = {"dense": 3 * D * cfg.inter_dim,
+           "moe": cfg.n_routed_experts * (D + expert) + cfg.n_shared_experts * expert}  # gate row + expert each
+    block = {kind: attn + 2 * D + n for kind, n in ffn.items()}  # + attn_norm, ffn_norm
+    n_moe = cfg.n_moe_layers
+    non_embedding = (cfg.n_layer - n_moe) * block["dense"] + n_moe * block["moe"] + D  # + the final norm
+    mtp = cfg.mtp_depth * (3 * D + 2 * D * D + block[cfg.ffn])  # enorm, hnorm, norm; eh_proj; its block
+    embedding = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
+    active = non_embedding - n_moe * (cfg.n_routed_experts - cfg.n_activated_experts) * expert
+    return {"total": embedding + non_embedding + mtp, "embedding": embedding, "non_embedding": non_embedding,
+            "active": active, "mtp": mtp}
 
 
 def cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 4) -> dict[str, int]:
