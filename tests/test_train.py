@@ -80,6 +80,7 @@ def test_train_writes_log_console_checkpoints_and_plot(data, tmp_path, capsys):
         assert re.fullmatch(rf"iter {it}: train_loss \d+\.\d{{4}}, val_loss \d+\.\d{{4}}, val_bpb \d+\.\d{{4}}, lr \d\.\d\de-\d\d, time \d+\.\d\ds", line)
     assert any(re.match(r"RAM: \d+\.\d\d GB \| [\d,]+ tokens/s \| mtp_loss", l) for l in lines)
     assert "bf16 0.5x of fp32 here (measured just now): float32" in lines[0]  # what it measured (injected, conftest)
+    assert "torch.compile off (auto: a cpu device; --compile turns it on)" in lines  # and why it runs eagerly
 
     header = (out / "training_log.csv").read_text().splitlines()[0]
     assert header.startswith("iteration,train_loss,val_loss,learning_rate,elapsed_time,gpu_memory_gb,"
