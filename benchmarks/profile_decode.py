@@ -51,28 +51,27 @@ def run(model_path: str, device_name: str = "cpu", tokens: int = 128, top: int =
     model, tok = load_model(model_path, device=device_name, dtype="float32")
     device = model.embed.weight.device
     prompt = encode_prompt(tok, PROMPTS[0], raw=False)
+    # self time in microseconds: a CPU op's own share (its children apart), a CUDA kernel's time on the GPU
+    self_us = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
     rows = []
     for spec in (False, True):
         cfg = GenerateConfig(max_tokens=tokens, sampling=SamplingConfig(temperature=0), speculative=spec)
+
         def decode(stats=None, cfg=cfg):
             return generate_ids(model, [prompt], cfg, stats=stats)
 
         decode()  # warm-up: kernels chosen, CUDA graphs recorded
         stats = DecodeStats()
         wall = _timed(lambda: decode(stats), device)
-        events = _device_events(decode, device)
-        # self time: a CPU op's own share (children apart); a CUDA kernel's time on the GPU
-        self_us = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+        events = sorted(_device_events(decode, device), key=lambda e: -self_us(e))
         # batch 1: a speculative step drafts once; the prefill (the first token) counts as a step
         steps = stats.drafted + 1 if spec else stats.new_tokens
-        busy = sum(self_us(e) for e in events) / 1e6
         rows.append({"path": "speculative" if spec else "plain", "tokens": stats.new_tokens, "steps": steps,
                      "acceptance": stats.accepted / stats.drafted if spec and stats.drafted else None,
                      "tokens_per_s": stats.new_tokens / wall, "wall_ms_per_step": 1e3 * wall / steps,
-                     "device_ms_per_step": 1e3 * busy / steps,
+                     "device_ms_per_step": sum(self_us(e) for e in events) / 1e3 / steps,
                      "device_ops_per_step": sum(e.count for e in events) / steps,
-                     "top": [(e.key, 1e3 * self_us(e) / 1e6 / steps, e.count / steps)
-                             for e in sorted(events, key=lambda e: -self_us(e))[:top]]})
+                     "top": [(e.key, self_us(e) / 1e3 / steps, e.count / steps) for e in events[:top]]})
     return {"model": model_path, "device": str(device), "tokens": tokens, "rows": rows,
             "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
