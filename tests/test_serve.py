@@ -272,6 +272,33 @@ def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, mode, one_threa
     assert batches == ({1, 2, 3} if mode in ("graphs", "cuda") else set())
 
 
+def test_engine_graphs_record_the_compiled_step_under_compile(ckpt, monkeypatch, one_thread):
+    """serve --compile on a GPU: the CUDA graph of each batch size records the compiled step, not the
+    eager model (torch.compile and the graphs replaced by stand-ins that record what they run)."""
+    from storyseek.generate import graphs
+    from storyseek.generate.config import SamplingConfig
+    from storyseek.generate.load import load_model
+    from storyseek.serve.engine import Engine, Row
+
+    compiled = []  # batch sizes of the steps that went through the "compiled" step
+
+    def fake_compile(model, **kw):
+        return lambda idx, **k: compiled.append(idx.shape[0]) or model(idx, **k)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(graphs, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(graphs, "GraphedStep", lambda fn: fn)  # a replay is a call
+    model, tok = load_model(ckpt, device="cpu", dtype="float32")
+    engine = Engine(model, tok, max_batch=2, compile=True)
+    assert compiled == [1, 2]  # compiled before the first request, in the graphs' shape
+    row = Row(prompt=tok.encode("A shy rabbit"), max_tokens=5, sampling=SamplingConfig(temperature=0),
+              stop_ids=frozenset(), raw=True)
+    engine.add(row)  # the prefill (eager) gives the first token
+    while not any(out.finish_reason for out in engine.step()):
+        pass
+    assert compiled == [1, 2, 1, 1, 1, 1]  # each of the 4 decode steps ran the compiled step
+
+
 PROMPTS = ["a brave little mouse", "a shy rabbit", "a clever fox", "a lost kitten"]
 
 

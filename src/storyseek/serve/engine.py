@@ -79,10 +79,11 @@ class Engine:
         self.device = model.embed.weight.device
         self.max_batch = max_batch
         self.cache = model.new_cache(max_batch)
-        # On a GPU: a CUDA graph per batch size, attending to the whole cache (generate/graphs.py).
+        # On a GPU: a CUDA graph per batch size, attending to the whole cache (generate/graphs.py),
+        # recording the compiled step under --compile.
         self.graphed = None
         if graphs.use_graphs(cuda_graphs, self.device):
-            self.graphed = graphs.GraphedStep(lambda idx, pos: self.model(
+            self.graphed = graphs.GraphedStep(lambda idx, pos: self.forward_step(
                 idx, cache=self.cache.narrow(0, idx.shape[0]), pos=pos, length=self.block).logits[:, -1])
         self.rows: list[Row] = []  # rows[i] lives in cache slot i
         self._streams: dict[int, TextStream] = {}
@@ -92,11 +93,13 @@ class Engine:
 
     def _compile(self) -> None:
         """Compile before the first request: a step of one row and one of two (torch.compile
-        specializes a batch of 1), written at position 0 of slots a prefill will overwrite."""
+        specializes a batch of 1), written at position 0 of slots a prefill will overwrite; with CUDA
+        graphs, in the graphs' shape (the whole cache attended)."""
         with torch.inference_mode():
             for B in (1, 2)[: self.max_batch]:
                 zeros = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-                self.forward_step(zeros, cache=self.cache.narrow(0, B), pos=zeros, length=1)
+                self.forward_step(zeros, cache=self.cache.narrow(0, B), pos=zeros,
+                                  length=self.block if self.graphed else 1)
 
     @property
     def free(self) -> int:
