@@ -48,20 +48,22 @@ def _export(model_path: str | None, preset: str, directory: Path) -> Path:
         return export_model(model_path, directory / "hf")
 
 
-def _time(fn, repeats: int):
-    """(best wall seconds over `repeats` runs after one warm-up, the last run's result)."""
+def best_time(fn, repeats: int):
+    """(best wall seconds over `repeats` runs after one warm-up, the last run's result): the run
+    least disturbed by other processes."""
     fn()
     best, result = float("inf"), None
     for _ in range(repeats):
-        _sync()
+        sync()
         t = time.perf_counter()
         result = fn()
-        _sync()
+        sync()
         best = min(best, time.perf_counter() - t)
     return best, result
 
 
-def _sync() -> None:
+def sync() -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time covers it (nothing on a CPU)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -106,10 +108,10 @@ def run(quick: bool, model: str | None = None, new_tokens: int | None = None, de
         modes += [("transformers", False), ("transformers", True)] if cfg.mtp_depth else [("transformers", False)]
         for engine, mtp in modes:
             if engine == "storyseek":
-                seconds, stats = _time(lambda: storyseek(mtp), repeats)
+                seconds, stats = best_time(lambda: storyseek(mtp), repeats)
                 row = {"kv_bytes_per_token": cache_bytes, "acceptance": stats.acceptance_rate}
             else:
-                seconds, out = _time(lambda: hf_generate(mtp), repeats)
+                seconds, out = best_time(lambda: hf_generate(mtp), repeats)
                 length = out.sequences.shape[1] - 1  # the last token is never fed back
                 cache = getattr(out, "cache", None) or out.past_key_values
                 tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]

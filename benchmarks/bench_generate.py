@@ -38,6 +38,8 @@ from storyseek.model.info import cache_bytes_per_token
 from storyseek.model.linear import set_weight_major_rows
 from storyseek.model.moe import MoE
 
+from bench_export import best_time  # a script beside this one
+
 GREEDY = SamplingConfig(temperature=0)
 PROMPT_LEN = 16
 
@@ -80,19 +82,7 @@ def time_ours(model, batch: int, new_tokens: int, prompt: torch.Tensor, **kw) ->
 def read_bandwidth(device: str = "cpu", mib: int = 512, repeats: int = 5) -> float:
     """Memory read bandwidth of `device` in bytes/s: the best of `repeats` sums over a `mib` MiB fp32 buffer."""
     x = torch.ones(mib * 2**18, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first sum loads the kernel
-        sync(device)
-        t = time.perf_counter()
-        x.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
-
-
-def sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    return x.numel() * 4 / best_time(x.sum, repeats)[0]  # (its warm-up sum loads the kernel)
 
 
 def bytes_per_step(model: Transformer, batch: int) -> float:

@@ -16,29 +16,21 @@ steps: the table's last column.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench_export import best_time, sync  # a script beside this one
+
 REPEATS = 3  # timed runs per path
-
-
-def _timed(decode, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    decode()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t
 
 
 def _device_events(decode, device: torch.device) -> list:
     """The device's operations during decode(), averaged by name (torch.profiler)."""
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        _timed(decode, device)
+        decode()
+        sync()
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     return [e for e in prof.key_averages() if e.device_type == kind and (cuda or e.key.startswith("aten::"))]
 
@@ -59,14 +51,12 @@ def run(model_path: str, device_name: str = "cpu", tokens: int = 128, top: int =
     for spec in (False, True):
         cfg = GenerateConfig(max_tokens=tokens, sampling=SamplingConfig(temperature=0), speculative=spec)
 
-        def decode(stats=None, cfg=cfg):
-            return generate_ids(model, [prompt], cfg, stats=stats)
-
-        decode()  # warm-up: kernels chosen, CUDA graphs recorded
-        wall = float("inf")
-        for _ in range(REPEATS):  # the best run: the least disturbed by other processes
+        def decode(cfg=cfg) -> DecodeStats:
             stats = DecodeStats()
-            wall = min(wall, _timed(lambda: decode(stats), device))
+            generate_ids(model, [prompt], cfg, stats=stats)
+            return stats
+
+        wall, stats = best_time(decode, REPEATS)  # its warm-up run chooses kernels, records CUDA graphs
         events = sorted(_device_events(decode, device), key=lambda e: -self_us(e))
         # batch 1: a speculative step drafts once; the prefill (the first token) counts as a step
         steps = stats.drafted + 1 if spec else stats.new_tokens
