@@ -1,6 +1,8 @@
 """Decoding: the three paths agree, the speculative rule keeps the target distribution, sampling
 options, stops, batching, sliding window, streaming text."""
 
+import logging
+
 import pytest
 import torch
 
@@ -325,9 +327,22 @@ def test_cuda_graph_decode_writes_the_eager_greedy_tokens():
 
 @pytest.mark.slow
 def test_compiled_decode_step_writes_the_same_greedy_tokens(random_model):
-    """--compile: torch.compile (inductor) runs the plain and the speculative steps."""
-    for spec in (False, True):
-        eager = generate_ids(random_model, PROMPTS, GenerateConfig(max_tokens=20, sampling=GREEDY, speculative=spec))
-        compiled = generate_ids(random_model, PROMPTS,
-                                GenerateConfig(max_tokens=20, sampling=GREEDY, speculative=spec, compile=True))
-        assert compiled == eager
+    """--compile: torch.compile (inductor) runs the plain and the speculative steps, and dynamo traces
+    each once (no restart of its analysis to specialize a float: device.compile_step)."""
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+    restarts = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: restarts.append(record.getMessage()) if "Restarting" in record.msg else None
+    level = dynamo_log.level
+    dynamo_log.addHandler(handler)
+    dynamo_log.setLevel(logging.INFO)
+    try:
+        for spec in (False, True):
+            eager = generate_ids(random_model, PROMPTS, GenerateConfig(max_tokens=20, sampling=GREEDY, speculative=spec))
+            compiled = generate_ids(random_model, PROMPTS,
+                                    GenerateConfig(max_tokens=20, sampling=GREEDY, speculative=spec, compile=True))
+            assert compiled == eager
+    finally:
+        dynamo_log.removeHandler(handler)
+        dynamo_log.setLevel(level)
+    assert restarts == []

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..device import cached_probe, store_probe
+from ..device import cached_probe, compile_step, store_probe
 from ..errors import StoryseekError
 from ..model import CacheStep, LatentCache, Transformer
 from . import graphs
@@ -124,12 +124,11 @@ class _Decoder:
         if known is not None:
             self.speculative, self.auto_key = bool(known), None
             stats.auto = f"auto chose {'speculative' if known else 'plain'} decoding (measured for this model before, cached)"
-        # Decode steps (one token per row, or a 2-token verify, and MTP's step after it) through
-        # torch.compile with dynamic shapes: the attended length and the batch change every step
-        # without recompiling. Prefills stay eager (one per prompt). Compiled code is cached per
-        # process, keyed on this model.
-        self.forward_step = torch.compile(model, dynamic=True) if cfg.compile else model
-        self.mtp_step = torch.compile(model.mtp_hidden, dynamic=True) if cfg.compile else model.mtp_hidden
+        # Decode steps (one token per row, or a 2-token verify, and MTP's step after it) compiled
+        # under --compile (device.compile_step). Prefills stay eager (one per prompt). Compiled code
+        # is cached per process, keyed on this model.
+        self.forward_step = compile_step(model) if cfg.compile else model
+        self.mtp_step = compile_step(model.mtp_hidden) if cfg.compile else model.mtp_hidden
         self.draft = draft_head(model) if self.speculative else None  # MTP's head: int8 where faster
         stats.draft = self.draft.why if self.draft else ""
         self.device = model.embed.weight.device
