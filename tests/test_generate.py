@@ -85,11 +85,35 @@ def test_auto_probes_both_paths_and_either_choice_keeps_greedy_output(trained_mo
     stats = DecodeStats()
     steps = list(decode(trained_model, [[3, 4, 5], [40]], GenerateConfig(max_tokens=40, sampling=GREEDY), stats=stats))
     assert [sum((s[r] for s in steps), []) for r in range(2)] == ref
-    # The probe alternates a plain step (1 token) and a speculative one (1 or 2), then one path runs.
+    # The probe runs plain steps (1 token each), then speculative ones (1 or 2), then one path runs.
     probe = [max(len(t) for t in s) for s in steps[1 : 1 + 2 * PROBE_STEPS]]
-    assert probe[0::2] == [1] * PROBE_STEPS and max(probe[1::2]) == 2
+    assert probe[:PROBE_STEPS] == [1] * PROBE_STEPS and max(probe[PROBE_STEPS:]) == 2
     after = [max(len(t) for t in s) for s in steps[1 + 2 * PROBE_STEPS : -1]]
     assert max(after) == (2 if keep else 1)
+
+
+def test_auto_probe_leaves_mtp_where_speculative_decoding_would(random_model, monkeypatch):
+    """After auto's plain steps MTP catches up on all of them in one step: the drafts that follow are
+    the ones speculative decoding proposes at the same positions (MTP's cache holds the same latents)."""
+    drafts = {}  # mode -> {(row, position of the drafted token's predecessor): draft logits}
+    verify = _Decoder._verify
+
+    def record(self, forward, mtp, tok, draft, q, pos, length):
+        out = verify(self, forward, mtp, tok, draft, q, pos, length)
+        accepted, logits = out[0], out[3]
+        for r, p in enumerate((pos + 1 + accepted).tolist()):
+            drafts[mode].setdefault((r, p), logits[r])
+        return out
+
+    monkeypatch.setattr(_Decoder, "_verify", record)
+    monkeypatch.setattr(_Decoder, "_keep_speculative", lambda self, probe: True)
+    for mode, spec in (("auto", None), ("speculative", True)):
+        drafts[mode] = {}
+        generate_ids(random_model, PROMPTS, GenerateConfig(max_tokens=30, sampling=GREEDY, speculative=spec))
+    shared = drafts["auto"].keys() & drafts["speculative"].keys()
+    assert len(shared) >= 30
+    for k in shared:
+        torch.testing.assert_close(drafts["auto"][k], drafts["speculative"][k], rtol=1e-4, atol=1e-5)
 
 
 def test_auto_rule_compares_tokens_per_second():
@@ -304,8 +328,9 @@ def test_graph_steps_attend_the_whole_cache_and_write_the_same_tokens(random_mod
             verify = {((3,), (3,), (3,))}  # the whole greedy verify
             split = {((3, 2), (3, 2)), ((3, 2, 64), (3, 2), (3, 2))}  # the main model's and MTP's steps
             plain = {((3, 1), (3, 1))}
-            if spec is None:  # auto: its probe's plain steps (and MTP catching up on one token), then verifies
-                assert _Replay.shapes == plain | {((3, 1, 64), (3, 1), (3, 1))} | verify
+            if spec is None:  # auto: its probe's plain steps, MTP catching up on all of them at once, then verifies
+                n = PROBE_STEPS
+                assert _Replay.shapes == plain | {((3, n, 64), (3, n), (3, n))} | verify
             else:
                 assert _Replay.shapes == (plain if not spec else verify if sampling.greedy else split)
         assert generate_ids(random_model, PROMPTS, GenerateConfig(max_tokens=60, sampling=sampling, speculative=spec,

@@ -22,19 +22,18 @@ Between steps the host holds each row's tokens (for stops, the budget and the sl
 device holds the next input token and its position. One read-back per step carries the new tokens.
 On a CUDA GPU each step is replayed as a CUDA graph (generate/graphs.py): one launch, not a thousand.
 
-auto (speculative=None, the default for a model with MTP): the first steps alternate plain and
-speculative steps, timed up to their read-back, and decoding keeps the path with more tokens per
-second (a speculative step yields 1 + acceptance tokens). It measures the device, the model and the
+auto (speculative=None, the default for a model with MTP): the first steps are a few plain steps,
+then a few speculative ones, each timed up to its read-back, and decoding keeps the path with more
+tokens per second (a speculative step yields 1 + acceptance tokens). It measures the device, the model and the
 text at hand instead of assuming that drafting pays; DecodeStats.auto says what it chose and why.
-The choice is cached per machine, model, batch size and greedy/sampled (with --dtype auto's probe
-results), so later runs skip the probe and a seed reproduces them; the first run's sampled text
+The choice is cached per machine, model, batch size, greedy/sampled and eager/compiled (with --dtype
+auto's probe results), so later runs skip the probe and a seed reproduces them; the first run's sampled text
 depends on the path taken while probing (pin it with speculative=True/False).
 """
 
 from __future__ import annotations
 
 import hashlib
-import statistics
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -53,15 +52,16 @@ from .sampling import draw, probabilities, speculative_accept
 PROBE_STEPS = 6  # auto: plain and speculative steps each timed before keeping the faster path
 
 
-def _auto_key(model: Transformer, batch: int, greedy: bool) -> str:
+def _auto_key(model: Transformer, batch: int, greedy: bool, step: str) -> str:
     """What auto's cached choice depends on: the model (its shape, dtype, device and a digest of its
     MTP weights, which set the acceptance: the first rows identify a checkpoint and cost nothing to
-    hash), the batch and greedy vs sampled decoding."""
+    hash), the batch, greedy vs sampled decoding, and how a step runs (`step`: eager, compiled, in
+    CUDA graphs; compiled on a CPU, plain decoding beat speculative where eager it lost)."""
     w = model.mtp[0].eh_proj.weight.detach()
     digest = hashlib.sha1(w[:16].float().cpu().numpy().tobytes()).hexdigest()[:12]
     c = model.cfg
     return (f"speculative | {c.n_layer}x{c.n_embd} vocab {c.vocab_size} {w.dtype} {w.device.type} | mtp {digest} | "
-            f"batch {batch} | {'greedy' if greedy else 'sampled'}")
+            f"batch {batch} | {'greedy' if greedy else 'sampled'} | {step}")
 
 
 @dataclass
@@ -116,14 +116,18 @@ class _Decoder:
         self.V, self.stop_ids, self.stats = vocab_size, frozenset(stop_ids), stats
         self.block = model.cfg.block_size
         self.speculative = cfg.use_speculative(model)
+        self.device = model.embed.weight.device
+        self.graphs = graphs.use_graphs(cfg.cuda_graphs, self.device)
         # auto: a choice this machine already measured for this model is reused (no probe steps, and
         # a seed then reproduces the run); otherwise the first steps measure it and it is kept.
-        auto = cfg.speculative is None and self.speculative
-        self.auto_key = _auto_key(model, len(prompts), cfg.sampling.greedy) if auto else None
-        known = cached_probe(self.auto_key) if self.auto_key else None
-        if known is not None:
-            self.speculative, self.auto_key = bool(known), None
-            stats.auto = f"auto chose {'speculative' if known else 'plain'} decoding (measured for this model before, cached)"
+        self.auto_key = None
+        if cfg.speculative is None and self.speculative:
+            step = ("compiled" if cfg.compile else "eager") + (" in CUDA graphs" if self.graphs else "")
+            self.auto_key = _auto_key(model, len(prompts), cfg.sampling.greedy, step)
+            known = cached_probe(self.auto_key)
+            if known is not None:
+                self.speculative, self.auto_key = bool(known), None
+                stats.auto = f"auto chose {'speculative' if known else 'plain'} decoding (measured for this model before, cached)"
         # Decode steps (one token per row, or a 2-token verify, and MTP's step after it) compiled
         # under --compile (device.compile_step). Prefills stay eager (one per prompt). Compiled code
         # is cached per process, keyed on this model.
@@ -131,8 +135,6 @@ class _Decoder:
         self.mtp_step = compile_step(model.mtp_hidden) if cfg.compile else model.mtp_hidden
         self.draft = draft_head(model) if self.speculative else None  # MTP's head: int8 where faster
         stats.draft = self.draft.why if self.draft else ""
-        self.device = model.embed.weight.device
-        self.graphs = graphs.use_graphs(cfg.cuda_graphs, self.device)
         self.gen = torch.Generator(device=self.device)
         if cfg.seed is None:
             self.gen.seed()
@@ -334,8 +336,11 @@ class _Decoder:
         draft_logits = self._logits(self.draft(h))  # [B, V]: proposes the token after tok
         pos = last + 1  # [B]: where tok (t_{n-1}, unfed) goes
         yield self._accept([[t] for t in tok.tolist()])
-        # auto: time plain and speculative steps, alternating, then keep the faster path.
+        # auto: time PROBE_STEPS plain steps, then PROBE_STEPS speculative ones, then keep the faster
+        # path. Each path's steps run back to back, as they will after the choice: a compiled plain
+        # step ran 1.5x slower on a CPU when MTP's step ran between two of them (caches refilled).
         probe = {"plain": [], "speculative": [], "drafted": 0, "accepted": 0} if self.auto_key else None
+        behind = []  # (h [B, 1, D], the token after [B, 1], pos [B, 1]) of the plain steps MTP has not seen
         while True:
             for r in range(len(self.seqs)):
                 if not self.done[r] and len(self.seqs[r]) + 1 > self.block:  # a verify writes at n-1 and n
@@ -344,14 +349,18 @@ class _Decoder:
             length = max(min(len(s) + 1, self.block) for s in self.seqs)
             active = [not d for d in self.done]
             started = time.perf_counter()
-            if probe is not None and len(probe["plain"]) <= len(probe["speculative"]):
-                # A plain step, timed up to its read-back; then MTP catches up on (h_{n-1}, t_n) untimed.
+            if probe is not None and len(probe["plain"]) < PROBE_STEPS:
                 logits, hidden = forward(tok[:, None], pos[:, None], length - 1)
                 tok, _ = self._choose(logits[:, -1], self.seen)
                 new = [[t] for t in tok.tolist()]
                 probe["plain"].append(time.perf_counter() - started)
-                h = mtp(hidden, tok[:, None], pos[:, None], length - 1)[:, -1]
-                draft_logits = self._logits(self.draft(h))
+                behind.append((hidden, tok[:, None], pos[:, None]))
+                if len(behind) == PROBE_STEPS:
+                    # MTP catches up on all of them in one step, untimed. A row that slid meanwhile
+                    # re-read its window (_draft_after_slide): its older entries sit at positions
+                    # past its new ones, which those never attend to.
+                    h, nxt, at = (torch.cat(parts, dim=1) for parts in zip(*behind))
+                    draft_logits = self._logits(self.draft(mtp(h, nxt, at, length - 1)[:, -1]))
                 pos = (pos + 1).clamp_(max=self.block - 2)
                 yield self._accept(new)
                 continue
@@ -376,8 +385,10 @@ class _Decoder:
 
     def _keep_speculative(self, probe: dict) -> bool:
         """auto's choice: tokens per second of each path, a speculative step yielding 1 + acceptance
-        tokens per row. Medians over the probe steps resist a noisy neighbour."""
-        plain_s, spec_s = statistics.median(probe["plain"]), statistics.median(probe["speculative"])
+        tokens per row. Each path's fastest step counts: a noisy neighbour, the compiling of a first
+        step and the caches a prefill left cold only ever add time (the first plain steps after the
+        prefill ran 1.3-1.7x slower than later ones, compiled, on a CPU)."""
+        plain_s, spec_s = min(probe["plain"]), min(probe["speculative"])
         acceptance = probe["accepted"] / max(probe["drafted"], 1)
         keep = (1 + acceptance) / spec_s > 1 / plain_s
         if self.auto_key:
