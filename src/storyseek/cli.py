@@ -170,7 +170,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: auto)")
     p.add_argument("--verbose", action="store_true",
                    help="also print the model (layers, tokenizer, dtype, device, decoding path) and the speed summary "
-                   "on stderr (the summary prints without it whenever MTP speculative decoding runs)")
+                   "on stderr (the summary prints without it whenever MTP speculative decoding runs, and under "
+                   "--compile, where it says how long the compiling took)")
 
     def run(args):
         from .generate.text import generate_command

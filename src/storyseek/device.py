@@ -4,7 +4,7 @@
     dtype, why = resolve_dtype("auto", device, shapes)     (torch dtype, the line to print)
     with autocast(device, dtype): ...                      training's forward
     compile, why = resolve_compile(None, device)           whether training runs torch.compile'd
-    step = compile_step(model)                             a decode step compiled for every batch and length
+    step = CompiledStep(model)                             a decode step compiled for every batch and length
 
 `--dtype auto`:
   - CUDA: bfloat16 where the GPU supports it (tensor cores; no probe), else float16 (training adds
@@ -127,17 +127,29 @@ def resolve_compile(requested: bool | None, device: torch.device) -> tuple[bool,
     return True, "on (auto: a CUDA GPU; --no-compile turns it off)"
 
 
-def compile_step(fn: Callable) -> Callable:
+class CompiledStep:
     """`fn` (a decode step) through torch.compile with dynamic shapes: the batch and the attended
-    length change every step without recompiling.
+    length change every step without recompiling. `compile_s`: the seconds its calls spent compiling
+    (the first call, and any recompile), so a run can report its speed after the compiling.
 
     Float attributes the step reads (norm eps, dropout p, the embedding's norm_type) stay constants:
     dynamic=True would trace them as symbols, which inductor then cannot keep, and dynamo restarts
     its whole analysis to specialize them (3.5 of the 9 s a warm compile of the demo's model took on
     a 2-core CPU). The config patch is active in each call (about 7 us), so recompiles get it too."""
-    import torch._dynamo  # imported here: it costs a second or more, which only compiled runs pay
 
-    return torch._dynamo.config.patch(specialize_float=True)(torch.compile(fn, dynamic=True))
+    def __init__(self, fn: Callable):
+        import torch._dynamo  # imported here: it costs a second or more, which only compiled runs pay
+
+        self._graphs = torch._dynamo.utils.counters["stats"]  # "unique_graphs" grows by one per compile
+        self._step = torch._dynamo.config.patch(specialize_float=True)(torch.compile(fn, dynamic=True))
+        self.compile_s = 0.0
+
+    def __call__(self, *args, **kwargs):
+        graphs, started = self._graphs["unique_graphs"], time.perf_counter()
+        out = self._step(*args, **kwargs)
+        if self._graphs["unique_graphs"] != graphs:
+            self.compile_s += time.perf_counter() - started
+        return out
 
 
 # ------------------------------------------------------------------------------ the CPU probe

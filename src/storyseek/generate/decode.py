@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..device import cached_probe, compile_step, store_probe
+from ..device import CompiledStep, cached_probe, store_probe
 from ..errors import StoryseekError
 from ..model import CacheStep, LatentCache, Transformer
 from . import graphs
@@ -75,6 +75,7 @@ class DecodeStats:
     truncated_prompts: int = 0  # prompts longer than the context (their last tokens were kept)
     auto: str = ""  # how `speculative=None` (auto) chose between plain and speculative decoding
     draft: str = ""  # speculative decoding: which head drafted, and why (generate/draft.py)
+    compile_s: float = 0.0  # --compile: of total_s, the seconds torch.compile spent compiling steps
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -129,10 +130,10 @@ class _Decoder:
                 self.speculative, self.auto_key = bool(known), None
                 stats.auto = f"auto chose {'speculative' if known else 'plain'} decoding (measured for this model before, cached)"
         # Decode steps (one token per row, or a 2-token verify, and MTP's step after it) compiled
-        # under --compile (device.compile_step). Prefills stay eager (one per prompt). Compiled code
+        # under --compile (device.CompiledStep). Prefills stay eager (one per prompt). Compiled code
         # is cached per process, keyed on this model.
-        self.forward_step = compile_step(model) if cfg.compile else model
-        self.mtp_step = compile_step(model.mtp_hidden) if cfg.compile else model.mtp_hidden
+        self.forward_step = CompiledStep(model) if cfg.compile else model
+        self.mtp_step = CompiledStep(model.mtp_hidden) if cfg.compile else model.mtp_hidden
         self.draft = draft_head(model) if self.speculative else None  # MTP's head: int8 where faster
         stats.draft = self.draft.why if self.draft else ""
         self.gen = torch.Generator(device=self.device)
@@ -271,6 +272,8 @@ class _Decoder:
                 self.stats.first_token_s = time.perf_counter() - start
                 first = False
             self.stats.total_s = time.perf_counter() - start
+            if self.cfg.compile:  # compiling happens in the first steps (and in any recompile)
+                self.stats.compile_s = self.forward_step.compile_s + self.mtp_step.compile_s
             yield new
             if all(self.done):
                 break

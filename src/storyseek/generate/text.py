@@ -140,6 +140,9 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[str] | str,
 def summary(stats: DecodeStats) -> str:
     line = (f"{stats.new_tokens} tokens in {stats.total_s:.2f} s ({stats.tokens_per_s:.1f} tokens/s, "
             f"first token after {stats.first_token_s * 1000:.0f} ms)")
+    if stats.compile_s:
+        after = stats.new_tokens / max(stats.total_s - stats.compile_s, 1e-9)
+        line += f", of which {stats.compile_s:.1f} s compiling the decode step ({after:.1f} tokens/s after it)"
     if stats.acceptance_rate is not None:
         line += f", MTP draft acceptance {stats.acceptance_rate:.0%} ({stats.accepted}/{stats.drafted}, {stats.draft})"
     if stats.auto:
@@ -186,5 +189,5 @@ def generate_command(model_path: str, prompts: list[str], cfg: GenerateConfig, *
                     print(f"--- prompt {p + 1}, sample {s + 1} ---" if len(prompts) > 1 else f"--- sample {s + 1} ---")
                 print(text)
         sys.stdout.flush()
-        if verbose or speculative:
+        if verbose or speculative or cfg.compile:
             print(f"storyseek: {summary(stats)}", file=sys.stderr)

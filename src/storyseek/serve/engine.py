@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.tokenizer import Tokenizer
-from ..device import compile_step
+from ..device import CompiledStep
 from ..generate import graphs
 from ..generate.config import SamplingConfig
 from ..generate.sampling import draw, probabilities
@@ -72,8 +72,8 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int, compile: bool = False,
                  cuda_graphs: bool = True):
         self.model, self.tokenizer = model, tokenizer
-        # Decode steps compiled under --compile (device.compile_step); prefills stay eager.
-        self.forward_step = compile_step(model) if compile else model
+        # Decode steps compiled under --compile (device.CompiledStep); prefills stay eager.
+        self.forward_step = CompiledStep(model) if compile else model
         self.V = tokenizer.vocab_size  # ids >= it are the embedding's padding: never sampled
         self.block = model.cfg.block_size
         self.device = model.embed.weight.device
