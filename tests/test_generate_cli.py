@@ -58,6 +58,15 @@ def test_cli_generates_reproducibly(ckpt, capsys):
     assert len(outs) == 1 and outs.pop().strip()
 
 
+@pytest.mark.slow  # a real torch.compile
+def test_cli_compile_says_the_steps_wait_for_it_and_what_it_cost(ckpt, capsys):
+    code, out, err = _run(capsys, "--model", ckpt, "--prompt", "a brave mouse", "--max-tokens", 10, "--temperature", 0,
+                          "--no-speculative", "--compile", "--no-stream")
+    assert code == 0 and out.strip()
+    assert "storyseek: --compile: the first decode steps wait for torch.compile" in err
+    assert re.search(r"of which \d+\.\d s compiling the decode step \(\d+\.\d tokens/s after it\)", err), err
+
+
 def test_cli_batch_of_prompts_and_samples(ckpt, capsys):
     code, out, err = _run(capsys, "--model", ckpt, "--prompt", "a dog", "--prompt", "a cat", "--num-samples", 2,
                           "--max-tokens", 8, "--seed", 1, "--verbose")

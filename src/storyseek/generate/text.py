@@ -171,6 +171,9 @@ def generate_command(model_path: str, prompts: list[str], cfg: GenerateConfig, *
             print(f"storyseek: {model_path}: {model.cfg.n_layer} layers x {model.cfg.n_embd}, {tokenizer!r}, "
                   f"{p.dtype} on {p.device}, {path}",
                   file=sys.stderr)
+        if cfg.compile:  # else a streamed story would stall after its first token with no word why
+            print("storyseek: --compile: the first decode steps wait for torch.compile (seconds, once per process)",
+                  file=sys.stderr)
         single = len(prompts) == 1 and cfg.num_samples == 1
         if stream_output is None:
             stream_output = sys.stdout.isatty()
