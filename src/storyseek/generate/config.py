@@ -51,8 +51,9 @@ class GenerateConfig:
                                     "window every token (the slow reference path)", flag="cache")
     raw: bool = setting(False, "continue the prompt as plain text instead of placing it in the story template")
     compile: bool = setting(False, "compile the decode step with torch.compile: once per process (7-12 s on a 2-core "
-                                   "CPU with torch's compile cache warm, 20-40 s the first time), then faster steps (1.5x for the tiny preset there; on a GPU inside the "
-                                   "CUDA graphs, 1.2x); pays off for long outputs")
+                                   "CPU with torch's compile cache warm, 20-40 s the first time), then faster steps "
+                                   "(1.2-2.3x for the demo's model there; on a GPU inside the CUDA graphs, 1.2x); pays "
+                                   "off for long outputs")
     cuda_graphs: bool = setting(True, "on a CUDA GPU, replay each decode step as a CUDA graph, recorded when the step "
                                       "first runs: one launch instead of ~1,000 small kernels per token")
 

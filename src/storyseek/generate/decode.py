@@ -24,11 +24,12 @@ On a CUDA GPU each step is replayed as a CUDA graph (generate/graphs.py): one la
 
 auto (speculative=None, the default for a model with MTP): the first steps are a few plain steps,
 then a few speculative ones, each timed up to its read-back, and decoding keeps the path with more
-tokens per second (a speculative step yields 1 + acceptance tokens). It measures the device, the model and the
-text at hand instead of assuming that drafting pays; DecodeStats.auto says what it chose and why.
-The choice is cached per machine, model, batch size, greedy/sampled and eager/compiled (with --dtype
-auto's probe results), so later runs skip the probe and a seed reproduces them; the first run's sampled text
-depends on the path taken while probing (pin it with speculative=True/False).
+tokens per second (a speculative step yields 1 + acceptance tokens). It measures the device, the
+model and the text at hand instead of assuming that drafting pays; DecodeStats.auto says what it
+chose and why. The choice is cached per machine, model, batch size, greedy/sampled and
+eager/compiled (with --dtype auto's probe results), so later runs skip the probe and a seed
+reproduces them; the first run's sampled text depends on the path taken while probing (pin it with
+speculative=True/False).
 """
 
 from __future__ import annotations
