@@ -76,13 +76,15 @@ def create_app(cfg: ServeConfig, load: Callable[[], tuple] | None = None):
                 model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
             else:
                 model, tokenizer = load()
-            scheduler = Scheduler(Engine(model, tokenizer, cfg.max_batch, cfg.compile, cfg.cuda_graphs), cfg.max_queue)
+            engine = Engine(model, tokenizer, cfg.max_batch, cfg.compile, cfg.cuda_graphs)
+            scheduler = Scheduler(engine, cfg.max_queue)
             scheduler.start()
             state.tokenizer, state.block_size = tokenizer, model.cfg.block_size
             state.scheduler = scheduler
+            compiled = f", the decode step compiled in {engine.forward_step.compile_s:.1f} s" if cfg.compile else ""
             print(f"storyseek serve: ready: {model.cfg.n_layer} layers x {model.cfg.n_embd}, context "
                   f"{model.cfg.block_size}, {next(model.parameters()).dtype} on {model.embed.weight.device}, "
-                  f"up to {cfg.max_batch} rows at once", file=sys.stderr, flush=True)
+                  f"up to {cfg.max_batch} rows at once{compiled}", file=sys.stderr, flush=True)
         except Exception as e:  # StoryseekError for bad files; anything else is reported the same way
             state.error = f"cannot load {cfg.model}: {e}"
             state.on_load_error(state.error)
