@@ -119,6 +119,7 @@ def test_long_prompt_warns(ckpt, capsys):
     (("--max-tokens", "0"), "max-tokens must be >= 1"),
     (("--prompt", "caf\udce9"), "not valid UTF-8"),
     (("--no-cache", "--speculative"), "speculative decoding needs the cache"),
+    (("--no-cache", "--compile"), "--compile compiles the cached decode step"),
 ])
 def test_bad_options_are_one_line_errors(ckpt, capsys, args, message):
     code, out, err = _run(capsys, "--model", ckpt, *args)

@@ -64,6 +64,8 @@ class GenerateConfig:
             raise StoryseekError(f"num-samples must be >= 1, got {self.num_samples}")
         if self.speculative and not self.use_cache:
             raise StoryseekError("speculative decoding needs the cache; drop --no-cache or add --no-speculative")
+        if self.compile and not self.use_cache:
+            raise StoryseekError("--compile compiles the cached decode step; drop --no-cache or --compile")
 
     def use_speculative(self, model) -> bool:
         """Whether `model` (a Transformer) starts decoding speculatively under this config (auto
