@@ -5,7 +5,8 @@ One training step = forward + backward + AdamW step (+ the MoE bias update for s
 dimensions (architecture notes 2.6: num_key_value_heads = n_head, n_group = topk_group = 1, tied
 embeddings, first_k_dense_replace = n_dense_layers, q_lora_rank None) and trained with torch's AdamW,
 in fp32 and in the device's --dtype auto precision: it is met at its best, not only in fp32.
-Variants are timed in interleaved rounds so a noisy machine hurts them alike.
+Variants are timed in interleaved rounds so a noisy machine hurts them alike. On a CPU the process
+keeps freed memory for reuse, as `storyseek train` does (device.keep_freed_memory), for every row.
 
 Utilization: on a CPU, model FLOPs/s over the fp32 GEMM rate of the output head's shape
 ([batch * seq, n_embd] x [n_embd, vocab]) measured in the same rounds; on a GPU, MFU (active
@@ -28,7 +29,7 @@ import time
 
 import torch
 
-from storyseek.device import autocast, resolve_device, resolve_dtype
+from storyseek.device import autocast, keep_freed_memory, resolve_device, resolve_dtype
 from storyseek.model import ModelConfig, Transformer, get_preset
 from storyseek.model.info import count_parameters
 from storyseek.train.metrics import flops_per_token, gpu_peak_flops
@@ -98,10 +99,13 @@ def run(quick: bool = False, presets: tuple[str, ...] | None = None, batch: int 
         rounds: int | None = None, steps: int | None = None, device_name: str | None = None,
         compile_: bool = True) -> dict:
     device = resolve_device(device_name or "auto")
+    # As `storyseek train` on a CPU: freed memory kept for the next step (process-wide, so for
+    # transformers' rows too).
+    kept = device.type == "cpu" and keep_freed_memory()
     presets = presets or (("tiny",) if quick else ("default", "tiny"))
     rounds, steps = rounds or (2 if quick else 3), steps or (2 if quick else 3)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()} threads",
-               "load_average": os.getloadavg()[0], "batch": batch, "seq": seq, "rows": []}
+               "load_average": os.getloadavg()[0], "batch": batch, "seq": seq, "freed_memory_kept": kept, "rows": []}
     for preset in presets:
         cfg = get_preset(preset)
         shapes = [(batch * seq, cfg.n_embd, cfg.vocab_size), (batch * seq, cfg.n_embd, cfg.moe_inter_dim)]
@@ -157,8 +161,9 @@ def run(quick: bool = False, presets: tuple[str, ...] | None = None, batch: int 
 def markdown(results: dict) -> str:
     auto = "; ".join(f"{k}: {v}" for k, v in results["auto"].items())
     gemm = ", ".join(f"{k} {v:,.0f}" for k, v in results["head_gemm_gflops"].items())
+    kept = "freed memory kept for reuse (device.keep_freed_memory), every row; " if results["freed_memory_kept"] else ""
     lines = [f"training tokens/s (fwd + bwd + AdamW), batch {results['batch']} x {results['seq']}, "
-             f"{results['device']}, load average {results['load_average']:.1f}; --dtype auto -> {auto}; "
+             f"{results['device']}, load average {results['load_average']:.1f}; --dtype auto -> {auto}; {kept}"
              f"fp32 head GEMM GFLOP/s: {gemm}", "",
              f"| preset | variant | tokens/s | vs transformers fp32 | vs transformers best | utilization ({results['utilization_is']}) | compile s |",
              "|---|---|---:|---:|---:|---:|---:|"]

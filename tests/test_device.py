@@ -2,6 +2,9 @@
 (injected here), cached."""
 
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,3 +127,35 @@ def test_the_decode_layout_probe_is_cached_and_the_real_one_returns_a_probed_row
     monkeypatch.undo()
     assert device.measure_weight_major_rows(weights[:2]) in (0, *device.WEIGHT_MAJOR_PROBE_ROWS)
 
+
+
+
+FAULTS = """
+import ctypes, resource, sys, torch
+from storyseek.device import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_freed_memory
+torch.set_num_threads(1)
+mallopt = ctypes.CDLL("libc.so.6").mallopt
+mallopt(M_MMAP_THRESHOLD, 128 << 10)  # glibc's starting limits, held fixed: every block
+mallopt(M_TRIM_THRESHOLD, 128 << 10)  # above 128 KB goes back to the kernel when freed
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+def step():  # ten 3 MB temporaries alive together, then freed, as in a training step
+    return sum(float(t[0]) for t in [torch.ones(3 << 18) for _ in range(10)])
+for _ in range(5):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_keep_freed_memory_stops_the_page_faults_of_repeated_temporaries():
+    def faults_per_step(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout)
+
+    assert faults_per_step("returned") > 5000  # 30 MB of pages faulted in again every step ...
+    assert faults_per_step("keep") < 100  # ... or kept, and reused (the heap may still grow once)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from ..checkpoint.pt import BEST, FINAL, LATEST, METRICS_CSV
 from ..data.batches import RandomWindows
-from ..device import autocast, resolve_compile, resolve_dtype
+from ..device import autocast, keep_freed_memory, resolve_compile, resolve_dtype
 from ..data.shards import load_meta, open_tokens
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import StoryseekError
@@ -127,6 +127,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
             torch.backends.cudnn.allow_tf32 = True
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each step's temporaries reused, not faulted in page by page
         self.ctx = autocast(self.device, self.dtype)
 
         # ------------------------------------------- optimizer and progress
