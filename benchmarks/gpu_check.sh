@@ -60,13 +60,19 @@ for mode in os.environ["MODES"].split():
         breaks = f"{explained.graph_break_count} ({'; '.join(str(r.reason) for r in explained.break_reasons[:3]) or 'none'})"
         torch._dynamo.reset()
     fwd = model if mode == "eager" else torch.compile(model, mode=None if mode == "compile" else mode)
+    graphs = mode == "reduce-overhead"
+    if graphs:  # as `train` does: a gradient must not live in the graph's memory (the next replay overwrites it)
+        for p_ in model.parameters():
+            p_.grad = torch.zeros_like(p_)
 
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, dtype):
             loss = fwd(x, y).loss
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not graphs)
         model.update_expert_bias()
         if device.type == "cuda":
             torch.cuda.synchronize()

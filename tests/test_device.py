@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from storyseek import device
-from storyseek.device import autocast, bf16_speedup, measure_bf16_speedup, resolve_device, resolve_dtype
+from storyseek.device import (autocast, bf16_speedup, measure_bf16_speedup, resolve_device, resolve_dtype,
+                              resolve_train_graphs)
 from storyseek.errors import StoryseekError
 
 CPU = torch.device("cpu")
@@ -159,3 +160,11 @@ def test_keep_freed_memory_stops_the_page_faults_of_repeated_temporaries():
 
     assert faults_per_step("returned") > 5000  # 30 MB of pages faulted in again every step ...
     assert faults_per_step("keep") < 100  # ... or kept, and reused (the heap may still grow once)
+
+
+def test_train_graphs_only_for_a_compiled_step_on_one_cuda_gpu():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # (only the device type is read: no GPU needed)
+    assert resolve_train_graphs(True, True, cuda, 1) == (True, "with CUDA graphs (--no-cuda-graphs turns them off)")
+    assert resolve_train_graphs(True, True, cuda, 2) == (False, "without CUDA graphs (not under torchrun)")
+    for asked, compiled, device in ((False, True, cuda), (True, False, cuda), (True, True, cpu)):
+        assert resolve_train_graphs(asked, compiled, device, 1) == (False, "")

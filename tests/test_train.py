@@ -264,6 +264,43 @@ def test_train_compile_runs_and_matches_eager(data, tmp_path, capsys):
     assert (tmp_path / "compiled" / "final_model.pt").exists()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_cuda_graphs_step_on_every_micro_batch_gradient(data, tmp_path):
+    """--compile on a GPU replays forward and backward as CUDA graphs, none skipped, and with
+    --grad-accum 2 the optimizer steps on the gradients of the compiled step without graphs (a
+    gradient left in a graph's memory would keep only the last micro-batch's)."""
+    from torch._dynamo.utils import counters
+
+    from storyseek.train.distributed import Dist
+    from storyseek.train.loop import Trainer
+
+    grads = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = build_train_config({"data": str(data), "out": str(tmp_path / f"graphs-{graphs}"), "preset": "tiny",
+                                  "n_layer": 2, "n_embd": 64, "block_size": 32, "batch_size": 4, "inter_dim": 128,
+                                  "moe_inter_dim": 64, "device": "cuda", "dtype": "float32", "compile": True,
+                                  "cuda_graphs": graphs, "grad_accum": 2})
+        trainer = Trainer(cfg, None, Dist(device=torch.device("cuda")))
+        assert trainer.graphs == graphs
+        seen, optimizer_step = [], trainer.optimizer.step
+
+        def record(*args, **kwargs):
+            seen.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                   for p in trainer.raw_model.parameters()]).clone())
+            return optimizer_step(*args, **kwargs)
+
+        trainer.optimizer.step = record
+        for _ in range(4):  # cudagraph trees: a warm-up run, a recording, then replays
+            trainer.step()
+        trainer.log.close()
+        grads[graphs] = seen
+        assert counters["inductor"]["cudagraph_skips"] == 0
+    for plain, graphed in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 
 

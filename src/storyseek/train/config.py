@@ -75,6 +75,9 @@ class TrainConfig:
                                          "iteration waits for the compiling",
                                    default_text="auto: on for a CUDA GPU that triton supports (there about a minute of "
                                                 "compiling, then 1.7-2.3x the eager tokens/s on an H100), off elsewhere")
+    cuda_graphs: bool = setting(True, "with --compile on one CUDA GPU, replay the compiled forward and backward as "
+                                      "CUDA graphs (torch.compile's reduce-overhead mode): the step no longer waits "
+                                      "for its kernel launches")
     seed: int = setting(1337, "random seed")
     resume: bool = setting(False, "continue from OUT/latest.pt")
     init_from: str | None = setting(None, "start from the weights of this checkpoint or exported directory (fine-tuning)",

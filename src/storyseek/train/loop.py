@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from ..checkpoint.pt import BEST, FINAL, LATEST, METRICS_CSV
 from ..data.batches import RandomWindows
-from ..device import autocast, keep_freed_memory, resolve_compile, resolve_dtype
+from ..device import autocast, keep_freed_memory, resolve_compile, resolve_dtype, resolve_train_graphs
 from ..data.shards import load_meta, open_tokens
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import StoryseekError
@@ -145,7 +145,16 @@ class Trainer:
                                            self.state.rng["sampler"] if self.state.rng else None)
         del start
         self.compile, self.compile_why = resolve_compile(cfg.compile, self.device)
-        self.model = _wrap(self.raw_model, self.compile, d)
+        self.graphs, graphs_why = resolve_train_graphs(cfg.cuda_graphs, self.compile, self.device, d.world_size)
+        self.compile_why += f", {graphs_why}" if graphs_why else ""
+        self.model = _wrap(self.raw_model, self.compile, self.graphs, d)
+        if self.graphs:
+            # A graph's outputs live in its memory pool, overwritten by the next replay. A gradient
+            # the backward graph returns must not become .grad itself (with --grad-accum only the last
+            # micro-batch's would survive: pytorch/pytorch#169545), so every step adds into these.
+            for p in self.raw_model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
 
         # ------------------------------------------------- what we report
         self.tokens_per_iter = cfg.batch_size * self.T * cfg.grad_accum * d.world_size
@@ -251,6 +260,8 @@ class Trainer:
             if d.enabled:  # all-reduce gradients only on the last micro-step
                 self.model.require_backward_grad_sync = micro == cfg.grad_accum - 1
             x, y = next(self.train_batches)  # (it reads the following batch ahead, overlapping the device)
+            if self.graphs:  # a new replay: the last one's outputs (o, its loss) are read and done with
+                torch.compiler.cudagraph_mark_step_begin()
             with self.ctx:
                 o = self.model(x, y)
             self.scaler.scale(o.loss / cfg.grad_accum).backward()
@@ -260,7 +271,7 @@ class Trainer:
             self.stats.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.graphs)
         if self.stats.has_moe:
             load = distributed.all_reduce_sum(self.raw_model.expert_load(), d)  # [n_moe_layers, E]
             self.stats.load += load
@@ -410,10 +421,11 @@ def _agreed_dtype(name: str, device: torch.device, model_cfg: ModelConfig, token
     return dtype, why
 
 
-def _wrap(model: Transformer, compile: bool, d: distributed.Dist) -> torch.nn.Module:
-    """What the training step calls: the model, compiled (--compile), inside DDP (torchrun)."""
+def _wrap(model: Transformer, compile: bool, graphs: bool, d: distributed.Dist) -> torch.nn.Module:
+    """What the training step calls: the model, compiled (--compile; as CUDA graphs: --cuda-graphs),
+    inside DDP (torchrun)."""
     if compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode="reduce-overhead" if graphs else None)
     if not d.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
