@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from storyseek.model import CacheStep, ModelConfig, Transformer, get_preset
+from storyseek.model import CacheStep, ModelConfig, Transformer, get_preset, mla
 from storyseek.model.info import cache_bytes_per_token, count_parameters
 from storyseek.model.moe import MoE, moe_decode
 
@@ -345,6 +345,44 @@ def test_invalid_config_is_one_clear_error():
 def test_softmax_scale_uses_the_full_query_key_width():
     cfg = get_preset("tiny")
     assert math.isclose(Transformer(cfg).layers[0].attn.softmax_scale, (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5)
+
+
+def test_attention_from_scores_in_memory_equals_flash_attention():
+    """MLA._attend_scores (a CPU's bf16 path while the scores are small) computes causal SDPA: in fp32
+    to float precision, values and gradients; and a bf16 training forward that takes it stays as
+    close to the fp32 forward (loss and every gradient) as the flash path does."""
+    attn = small_model().layers[0].attn
+    torch.manual_seed(1)
+    B, H, S = 2, attn.n_head, 12
+    q, k = (torch.randn(B, H, S, attn.d_n + attn.d_r, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, H, S, attn.d_v, requires_grad=True)
+    ours = attn._attend_scores(q, k, v)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    flash = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.softmax_scale)
+    torch.testing.assert_close(ours, flash, rtol=1e-5, atol=1e-6)
+    for mine, ref in zip(grads, torch.autograd.grad(flash.square().sum(), (q, k, v))):
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
+
+    model = small_model().train()
+    idx = torch.randint(0, SMALL["vocab_size"], (4, SMALL["block_size"] + 1))
+
+    def loss_and_grads(dtype, scores_in_memory):
+        mla.SCORES_IN_MEMORY = scores_in_memory
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(idx[:, :-1], idx[:, 1:]).loss
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    limit = mla.SCORES_IN_MEMORY
+    try:
+        ref_loss, ref_grad = loss_and_grads(torch.float32, limit)
+        for scores_in_memory in (limit, 0):  # bf16 through _attend_scores, then through flash
+            loss, grad = loss_and_grads(torch.bfloat16, scores_in_memory)
+            assert abs(loss - ref_loss) < 0.01 * ref_loss
+            assert (grad - ref_grad).norm() < 0.05 * ref_grad.norm()
+    finally:
+        mla.SCORES_IN_MEMORY = limit
 
 
 def test_training_forward_and_loss_compile_as_one_graph():
