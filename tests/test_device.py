@@ -168,3 +168,13 @@ def test_train_graphs_only_for_a_compiled_step_on_one_cuda_gpu():
     assert resolve_train_graphs(True, True, cuda, 2) == (False, "without CUDA graphs (not under torchrun)")
     for asked, compiled, device in ((False, True, cuda), (True, False, cuda), (True, True, cpu)):
         assert resolve_train_graphs(asked, compiled, device, 1) == (False, "")
+
+
+def test_dtype_probe_times_training_products_as_matrix_products():
+    """The probe shrinks a long product to ~PROBE_FLOPS, but a training product keeps at least
+    PROBE_MIN_ROWS rows (cut to 1-2 rows, the default preset's head became a memory-bound
+    matrix-vector product that said bf16 1.1x where its GEMMs ran 2x faster); decode shapes stay."""
+    for shape in ((12288, 512, 50304), (1024, 512, 256), (2048, 128, 2048)):
+        m, k, n = device._probe_shape(shape)
+        assert m >= device.PROBE_MIN_ROWS and k == shape[1] and 2 * m * k * n <= device.PROBE_FLOPS
+    assert device._probe_shape((8, 128, 1664)) == (8, 128, 1664)
