@@ -68,13 +68,16 @@ def run_demo(cfg: DemoConfig) -> Path:
     gen = GenerateConfig(max_tokens=300, seed=cfg.seed, sampling=SamplingConfig(temperature=0.4, top_p=0.9))
     result = generate(model, tokenizer, list(PROMPTS), gen)
     for prompt, story in zip(PROMPTS, result.texts):
-        print(f"\n>>> {prompt}\n\n{story.strip()}\n")
+        print(f"\n>>> {prompt}\n\n{story.strip() or UNTRAINED}\n")
 
     minutes = (time.time() - started) / 60
     print(f"demo finished in {minutes:.1f} minutes; everything is in {out}/")
     print(NEXT_STEPS.format(out=out, data=data))
     return out
 
+
+# What a model trained too briefly writes (a slow or busy machine, a small --minutes): only blank lines.
+UNTRAINED = "(no story yet: the model wrote only blank lines; it needs more training, e.g. --minutes 4)"
 
 NEXT_STEPS = """
 What next:
