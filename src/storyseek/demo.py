@@ -14,6 +14,9 @@ from .data.prepare import PrepareConfig, prepare
 from .errors import StoryseekError
 from .settings import setting
 
+# What a model trained too briefly writes (a slow or busy machine, a small --minutes): only blank lines.
+UNTRAINED = "(no story yet: the model wrote only blank lines; it needs more training, e.g. --minutes 4)"
+
 PROMPTS = (  # phrased like the corpus's own prompts, which is what a 4-minute model can follow
     "Write a children's story about a shy little rabbit who learns that everyone needs a friend.",
     "Write a children's story about a clever little fox who learns that it is okay to ask for help.",
@@ -75,9 +78,6 @@ def run_demo(cfg: DemoConfig) -> Path:
     print(NEXT_STEPS.format(out=out, data=data))
     return out
 
-
-# What a model trained too briefly writes (a slow or busy machine, a small --minutes): only blank lines.
-UNTRAINED = "(no story yet: the model wrote only blank lines; it needs more training, e.g. --minutes 4)"
 
 NEXT_STEPS = """
 What next:
