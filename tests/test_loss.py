@@ -73,3 +73,15 @@ def test_model_losses_and_gradients_equal_the_logits_path(monkeypatch):
     # Training asks for no logits: none are made.
     plain_out = model(tokens[:, :-1], tokens[:, 1:])
     assert plain_out.logits is None and plain_out.mtp_logits == []
+
+
+def test_token_nats_in_chunks_equal_full_logits_cross_entropy(monkeypatch):
+    """Evaluation's per-position nats (training's val loss and val_bpb, `storyseek eval`) through the
+    head in chunks of SCORE_ROWS positions: the same numbers as from [N, vocab] logits at once."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    h, targets = torch.randn(23, 16), torch.randint(0, 50, (23,))
+    monkeypatch.setattr(vocab_loss, "SCORE_ROWS", 5)  # 5 chunks, the last one short
+    with torch.no_grad():
+        torch.testing.assert_close(vocab_loss.token_nats(head, h, targets),
+                                   F.cross_entropy(head(h), targets, reduction="none"))

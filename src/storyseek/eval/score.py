@@ -29,14 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.tokenizer import Tokenizer
 from ..errors import StoryseekError
 from ..model import Transformer
+from ..model.loss import token_nats
 
 LOG2 = math.log(2)
-_HEAD_ROWS = 4096  # positions per vocab-sized head matmul: bounds memory at 4096 x vocab floats
 
 
 @dataclass
@@ -122,9 +121,7 @@ def score(model: Transformer, tokenizer: Tokenizer, texts: list[str], *, name: s
         # Causal: the right padding of shorter windows cannot reach their scored positions.
         hidden = model(x, last_only=True).hidden  # [B, S, D]
         h, t = hidden[y >= 0], y[y >= 0]  # [M, D], [M]
-        for i in range(0, len(t), _HEAD_ROWS):
-            logits = model.head(h[i : i + _HEAD_ROWS]).float()
-            nats += F.cross_entropy(logits, t[i : i + _HEAD_ROWS], reduction="sum").double()
+        nats += token_nats(model.head, h, t).double().sum()
         result.tokens += len(t)
         result.bytes += int(nbytes[t].sum())
         bar.update(len(t))

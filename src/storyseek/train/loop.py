@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from ..checkpoint.pt import BEST, FINAL, LATEST, METRICS_CSV
@@ -44,6 +43,7 @@ from ..memory import check_fits, local_processes, train_step_bytes
 from ..model import ModelConfig, Transformer, get_preset, pad_vocab
 from ..model.config import TRAINING_FIELDS
 from ..model.info import count_parameters
+from ..model.loss import token_nats
 from . import distributed
 from .config import TrainConfig
 from .metrics import (MetricsLog, console_line, detail_line, flops_per_token, gpu_memory_gb, gpu_peak_flops,
@@ -317,9 +317,9 @@ class Trainer:
                 total = torch.zeros(3, dtype=torch.float64, device=self.device)  # sum of mean losses, text nats, bytes
                 for _ in range(cfg.eval_iters):
                     x, y = next(batches)
-                    with self.ctx:
-                        logits = self.raw_model(x).logits
-                    nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")  # [B*T]
+                    with self.ctx:  # the head runs in chunks: [B*T, vocab] logits never exist at once
+                        hidden = self.raw_model(x, last_only=True).hidden  # [B, T, D]
+                        nats = token_nats(self.raw_model.head, hidden.flatten(0, 1), y.flatten())  # [B*T]
                     nbytes = self.token_bytes[y.flatten()]
                     total += torch.stack([nats.mean(), nats[nbytes > 0].sum(), nbytes.sum()]).double()
                     if self.stop.any_rank(d):
