@@ -32,7 +32,7 @@ from storyseek.device import autocast, resolve_device, resolve_dtype
 from storyseek.model import Transformer, get_preset
 from storyseek.model.info import count_parameters
 from storyseek.train.metrics import flops_per_token, gpu_peak_flops
-from storyseek.train.optim import configure_optimizer
+from storyseek.train.optim import allocate_gradients, configure_optimizer
 
 device = resolve_device(os.environ["DEVICE"])
 dtype = resolve_dtype(os.environ["DTYPE"], device)[0]
@@ -61,9 +61,8 @@ for mode in os.environ["MODES"].split():
         torch._dynamo.reset()
     fwd = model if mode == "eager" else torch.compile(model, mode=None if mode == "compile" else mode)
     graphs = mode == "reduce-overhead"
-    if graphs:  # as `train` does: a gradient must not live in the graph's memory (the next replay overwrites it)
-        for p_ in model.parameters():
-            p_.grad = torch.zeros_like(p_)
+    if graphs:  # as `train` does
+        allocate_gradients(model)
 
     def step():
         if graphs:

@@ -48,7 +48,7 @@ from . import distributed
 from .config import TrainConfig
 from .metrics import (MetricsLog, console_line, detail_line, flops_per_token, gpu_memory_gb, gpu_peak_flops,
                       plot_metrics, ram_gb)
-from .optim import configure_optimizer, lr_at
+from .optim import allocate_gradients, configure_optimizer, lr_at
 
 # What --init-from may change: how the model trains, and its context (RoPE has no learned positions).
 FINETUNE_FIELDS = (*TRAINING_FIELDS, "block_size")
@@ -149,12 +149,7 @@ class Trainer:
         self.compile_why += f", {graphs_why}" if graphs_why else ""
         self.model = _wrap(self.raw_model, self.compile, self.graphs, d)
         if self.graphs:
-            # A graph's outputs live in its memory pool, overwritten by the next replay. A gradient
-            # the backward graph returns must not become .grad itself (with --grad-accum only the last
-            # micro-batch's would survive: pytorch/pytorch#169545), so every step adds into these.
-            for p in self.raw_model.parameters():
-                if p.requires_grad:
-                    p.grad = torch.zeros_like(p)
+            allocate_gradients(self.raw_model)
 
         # ------------------------------------------------- what we report
         self.tokens_per_iter = cfg.batch_size * self.T * cfg.grad_accum * d.world_size

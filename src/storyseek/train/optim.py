@@ -26,6 +26,17 @@ def configure_optimizer(model: nn.Module, learning_rate: float, weight_decay: fl
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
 
+def allocate_gradients(model: nn.Module) -> None:
+    """Give every trainable parameter its gradient now, for each backward to add into and
+    zero_grad(set_to_none=False) to clear in place. Needed under CUDA graphs: a gradient the backward
+    graph returns lives in the graph's memory pool, which the next replay overwrites, so it must never
+    become .grad itself (with --grad-accum only the last micro-batch's would survive:
+    pytorch/pytorch#169545)."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+
+
 def lr_at(it: float, learning_rate: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
     """Linear warmup to learning_rate over warmup_iters, cosine decay to min_lr at decay_iters, then flat."""
     if it < warmup_iters:
