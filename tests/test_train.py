@@ -22,7 +22,7 @@ from storyseek.errors import StoryseekError
 from storyseek.model import Transformer
 from storyseek.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from storyseek.train.config import build_train_config
-from storyseek.train.loop import train
+from storyseek.train.loop import Trainer, train
 from storyseek.train.optim import configure_optimizer, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,13 +252,25 @@ def test_torchrun_two_ranks_on_cpu_keep_identical_weights_and_biases(data, tmp_p
     assert len(load_checkpoint(out / "latest.pt")["rng"]) == 2  # each rank's batch sampler is saved
 
 
-def test_train_compile_runs_and_matches_eager(data, tmp_path, capsys):
-    """--compile (inductor on CPU) trains the same model as eager: the same losses after 3 steps."""
+def test_train_compile_runs_and_matches_eager(data, tmp_path, capsys, monkeypatch):
+    """--compile (inductor on CPU) trains the same model as eager: the same losses after 3 steps,
+    evaluated through a compiled forward too."""
+    compiling = []  # whether evaluation's forward ran under torch.compile, per run
+    original = Trainer._eval_nats
+
+    def spy(self, x, y):
+        compiling[-1] |= torch.compiler.is_compiling()
+        return original(self, x, y)
+
+    monkeypatch.setattr(Trainer, "_eval_nats", spy)
     common = ["--max-iters", "3", "--eval-interval", "3", "--dtype", "float32"]
+    compiling.append(False)
     rc, eager, err = _train(capsys, data, tmp_path / "eager", *common)
     assert rc == 0, err
+    compiling.append(False)
     rc, compiled, err = _train(capsys, data, tmp_path / "compiled", *common, "--compile")
     assert rc == 0, err
+    assert compiling == [False, True]
     loss = lambda text: [float(v) for v in re.findall(r"iter 3: train_loss ([\d.]+), val_loss ([\d.]+)", text)[0]]
     assert loss(compiled) == pytest.approx(loss(eager), abs=2e-4)
     assert (tmp_path / "compiled" / "final_model.pt").exists()

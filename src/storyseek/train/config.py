@@ -71,8 +71,8 @@ class TrainConfig:
     dtype: str = setting("auto", "auto: bf16 autocast on GPUs (fp16 + grad scaler without bf16); on a CPU bf16 "
                                  "only where a short cached probe measures it clearly faster, else float32",
                          choices=DTYPES)
-    compile: bool | None = setting(None, "torch.compile the training step (inductor, GPU or CPU); the first "
-                                         "iteration waits for the compiling",
+    compile: bool | None = setting(None, "torch.compile the training step and the evaluation's forward (inductor, "
+                                         "GPU or CPU); the first evaluation and iteration wait for the compiling",
                                    default_text="auto: on for a CUDA GPU that triton supports (there about a minute of "
                                                 "compiling, then 1.7-2.3x the eager tokens/s on an H100), off elsewhere")
     cuda_graphs: bool = setting(True, "with --compile on one CUDA GPU, replay the compiled forward and backward as "

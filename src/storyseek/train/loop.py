@@ -150,6 +150,10 @@ class Trainer:
         self.model = _wrap(self.raw_model, self.compile, self.graphs, d)
         if self.graphs:
             allocate_gradients(self.raw_model)
+        # Evaluation's forward, compiled too under --compile (an inference graph of its own, without
+        # CUDA graphs): 400 forwards per 1,000 steps at the defaults. On a 2-core CPU an evaluation
+        # ran 1.26x faster for the tiny preset, 1.11x for the default one (its chunked head dominates).
+        self.eval_nats = torch.compile(self._eval_nats) if self.compile else self._eval_nats
 
         # ------------------------------------------------- what we report
         self.tokens_per_iter = cfg.batch_size * self.T * cfg.grad_accum * d.world_size
@@ -178,7 +182,7 @@ class Trainer:
         self.say(f"{self.tokens_per_iter:,} tokens per iteration (batch {cfg.batch_size} x block {self.T} x "
                  f"grad_accum {cfg.grad_accum} x {d.world_size} ranks); data {cfg.data}: "
                  f"{len(self.train_data):,} train tokens")
-        self.say(f"torch.compile {self.compile_why}" + (": the first iteration waits for the compiling" if self.compile else ""))
+        self.say(f"torch.compile {self.compile_why}" + (": the first evaluation and the first iteration wait for the compiling" if self.compile else ""))
         if cfg.resume:
             self.say(f"resuming from {self.source} at iter {self.state.iter_num}")
         elif cfg.init_from:
@@ -312,9 +316,8 @@ class Trainer:
                 total = torch.zeros(3, dtype=torch.float64, device=self.device)  # sum of mean losses, text nats, bytes
                 for _ in range(cfg.eval_iters):
                     x, y = next(batches)
-                    with self.ctx:  # the head runs in chunks: [B*T, vocab] logits never exist at once
-                        hidden = self.raw_model(x, last_only=True).hidden  # [B, T, D]
-                        nats = token_nats(self.raw_model.head, hidden.flatten(0, 1), y.flatten())  # [B*T]
+                    with self.ctx:
+                        nats = self.eval_nats(x, y)  # [B*T]
                     nbytes = self.token_bytes[y.flatten()]
                     total += torch.stack([nats.mean(), nats[nbytes > 0].sum(), nbytes.sum()]).double()
                     if self.stop.any_rank(d):
@@ -326,6 +329,12 @@ class Trainer:
         finally:
             self.raw_model.train()
         return losses
+
+    def _eval_nats(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Next-token nats of every position: x, y [B, T] -> [B*T]. The head runs in chunks, so
+        [B*T, vocab] logits never exist at once."""
+        hidden = self.raw_model(x, last_only=True).hidden  # [B, T, D]
+        return token_nats(self.raw_model.head, hidden.flatten(0, 1), y.flatten())
 
     def elapsed(self) -> float:
         return self.state.elapsed + time.time() - self.t0
