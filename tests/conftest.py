@@ -47,7 +47,7 @@ def cpu_probes_injected(monkeypatch):
 
     monkeypatch.setattr(device, "measure_bf16_speedup", lambda shapes, **kw: 0.5)
     # Decoding's few-row layout (model/linear.py): weight-major up to 8 rows, so every decode test runs it.
-    monkeypatch.setattr(device, "measure_weight_major_rows", lambda weights: 8)
+    monkeypatch.setattr(device, "measure_weight_major_rows", lambda weights: {tuple(w.shape): 8 for w in weights})
     # Speculative drafts through the int8 head copy (generate/draft.py), so every speculative test runs it.
     monkeypatch.setattr(draft, "measure_int8_speedup", lambda head, int8, **kw: 2.0)
     monkeypatch.setenv("STORYSEEK_NO_CACHE", "1")

@@ -113,20 +113,36 @@ def test_compile_auto_is_on_for_a_cuda_gpu_with_triton_only(monkeypatch):
     assert not compile and "triton" in why
 
 
-def test_the_decode_layout_probe_is_cached_and_the_real_one_returns_a_probed_row_count(monkeypatch, tmp_path):
+def test_the_decode_layout_probe_is_cached_per_shape_and_the_real_one_returns_probed_row_counts(monkeypatch, tmp_path):
     monkeypatch.delenv("STORYSEEK_NO_CACHE")
     monkeypatch.setenv("STORYSEEK_CACHE_DIR", str(tmp_path))
     head = torch.randn(1000, 64)
     weights = [head, torch.randn(96, 64), head]  # a tied head is one weight
     seen = []
-    monkeypatch.setattr(device, "measure_weight_major_rows", lambda ws: seen.append(len(ws)) or 4)
-    assert device.weight_major_rows(weights) == (4, False)
-    assert device.weight_major_rows(weights) == (4, True) and seen == [2]
-    assert device.weight_major_rows([w.bfloat16() for w in weights]) == (4, False)  # per dtype
-    key = next(k for k in json.loads((tmp_path / "dtype_probe.json").read_text()) if "bfloat16" not in k)
-    assert "weight-major torch.float32 96x64,1000x64" in key
+    measured = {(1000, 64): 4, (96, 64): 0}
+    monkeypatch.setattr(device, "measure_weight_major_rows", lambda ws: seen.append(len(ws)) or measured)
+    assert device.weight_major_rows(weights) == (measured, False)
+    assert device.weight_major_rows(weights) == (measured, True) and seen == [2]
+    assert device.weight_major_rows([w.bfloat16() for w in weights]) == (measured, False)  # per dtype
+    keys = [k for k in json.loads((tmp_path / "dtype_probe.json").read_text()) if "bfloat16" not in k]
+    assert len(keys) == 2 and all("weight-major torch.float32 96x64,1000x64" in k for k in keys)
     monkeypatch.undo()
-    assert device.measure_weight_major_rows(weights[:2]) in (0, *device.WEIGHT_MAJOR_PROBE_ROWS)
+    rows = device.measure_weight_major_rows(weights[:2])
+    assert set(rows) == set(measured) and set(rows.values()) <= {0, *device.WEIGHT_MAJOR_PROBE_ROWS}
+
+
+def test_each_linear_takes_the_layout_measured_for_its_weight_shape(monkeypatch):
+    from storyseek.generate.load import to_inference
+    from storyseek.model import ModelConfig, Transformer
+    from storyseek.model.linear import Linear
+
+    model = Transformer(ModelConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=32, kv_lora_rank=16,
+                                    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_dense_layers=1,
+                                    inter_dim=64, moe_inter_dim=16))
+    monkeypatch.setattr(device, "measure_weight_major_rows", lambda ws: {tuple(w.shape): 2 if w.shape == (96, 32) else 0 for w in ws})  # the head's shape only
+    model = to_inference(model, torch.float32)
+    rows = {name: m.weight_major_rows for name, m in model.named_modules() if isinstance(m, Linear)}
+    assert rows["head"] == 2 and all(r == 0 for name, r in rows.items() if name != "head")
 
 
 

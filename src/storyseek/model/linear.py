@@ -6,8 +6,9 @@ speed depends on how the product is written: on an AMD EPYC with MKL, x W^T with
 matrix-vector kernel) streams W at 7-10 GB/s, while the same product written W x^T (the weight as
 the left operand of a matrix-matrix kernel) streams at 15-24 GB/s, 2-6x faster; a single row runs
 fastest duplicated into two. Other CPUs and libraries may differ, so the choice is measured per
-machine (`device.weight_major_rows`), never assumed: `weight_major_rows` is the row count up to
-which this layer computes (W x^T)^T; 0 (the default, and always in training) keeps nn.Linear's x W^T.
+machine and weight shape (`device.weight_major_rows`), never assumed: `weight_major_rows` is the row
+count up to which this layer computes (W x^T)^T; 0 (the default, and always in training) keeps
+nn.Linear's x W^T.
 `generate.load.to_inference` sets it for a model about to decode.
 """
 
@@ -39,8 +40,9 @@ def weight_major(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ x.T)[:, :rows].T.contiguous()
 
 
-def set_weight_major_rows(model: nn.Module, rows: int) -> None:
-    """Every Linear of `model` computes products of at most `rows` rows weight-major (0: never)."""
+def set_weight_major_rows(model: nn.Module, rows: int | dict[tuple[int, int], int]) -> None:
+    """Every Linear of `model` computes products of at most `rows` rows weight-major (0: never);
+    a dict gives the row count per [out, in] weight shape (a shape it lacks: never)."""
     for module in model.modules():
         if isinstance(module, Linear):
-            module.weight_major_rows = rows
+            module.weight_major_rows = rows if isinstance(rows, int) else rows.get(tuple(module.weight.shape), 0)
