@@ -104,7 +104,9 @@ def test_compile_auto_is_on_for_a_cuda_gpu_with_triton_only(monkeypatch):
     compile, why = device.resolve_compile(None, cuda)
     assert not compile and "compute capability 7.0 or newer, this one is 6.0" in why
     capability["now"] = (7, 5)
-    assert device.resolve_compile(None, CPU) == (False, "off (auto: a cpu device; --compile turns it on)")
+    compile, why = device.resolve_compile(None, CPU)
+    assert compile is None and why.startswith("off for the first 20 iterations (auto on a CPU")  # measured first
+    assert device.resolve_compile(None, CPU, ranks=2) == (False, "off (auto: a cpu device under torchrun; --compile turns it on)")
     assert device.resolve_compile(None, torch.device("mps"))[0] is False
     assert device.resolve_compile(True, CPU) == (True, "on")  # asked for: on any device
     assert device.resolve_compile(False, cuda) == (False, "off")
@@ -194,3 +196,13 @@ def test_dtype_probe_times_training_products_as_matrix_products():
         m, k, n = device._probe_shape(shape)
         assert m >= device.PROBE_MIN_ROWS and k == shape[1] and 2 * m * k * n <= device.PROBE_FLOPS
     assert device._probe_shape((8, 128, 1664)) == (8, 128, 1664)
+
+
+def test_compile_pays_only_when_the_rest_of_the_run_would_take_long_eagerly():
+    assert device.COMPILE_PAYS_S == 600
+    pays, why = device.compile_pays(0.2, 5000, None)  # 1,000 s eagerly
+    assert pays and why == "auto: an eager iteration took 0.20 s, the remaining 16.7 min repay the compiling"
+    assert not device.compile_pays(0.2, 2000, None)[0]  # 400 s
+    pays, why = device.compile_pays(0.2, 5000, 240.0)  # --max-minutes ends it in 4 minutes
+    assert not pays and why.endswith("the remaining 4.0 min would not repay the compiling")
+    assert device.compile_pays(31.0, 1000, 3600.0)[0]  # the default preset on a laptop: hours

@@ -3,7 +3,7 @@
     device = resolve_device("auto")                        cuda -> mps -> cpu
     dtype, why = resolve_dtype("auto", device, shapes)     (torch dtype, the line to print)
     with autocast(device, dtype): ...                      training's forward
-    compile, why = resolve_compile(None, device)           whether training runs torch.compile'd
+    compile, why = resolve_compile(None, device)           whether training runs torch.compile'd (None: measure)
     step = CompiledStep(model)                             a decode step compiled for every batch and length
     keep_freed_memory()                                    CPU training: freed memory is reused, not faulted in again
 
@@ -48,6 +48,8 @@ PROBE_FLOPS = 1e8  # per timed matmul: rows, then columns, are cut so one takes 
 PROBE_MIN_ROWS = 64  # a training product's rows are cut to no fewer: fewer is a matrix-vector product
 WEIGHT_MAJOR_PROBE_ROWS = (1, 2, 4, 8)  # decode batches the layout probe times
 WEIGHT_MAJOR_MARGIN = 1.1  # weight-major must be this much faster to be used
+COMPILE_PROBE_ITERS = 20  # --compile auto on a CPU: eager iterations timed before deciding
+COMPILE_PAYS_S = 600  # ... then compiled when the rest of the run would take longer than this eagerly
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64 bits: blocks below it come from the reusable heap
 TRIM_THRESHOLD = 1 << 30  # free memory the heap keeps at its top instead of returning it
@@ -113,25 +115,61 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def resolve_compile(requested: bool | None, device: torch.device) -> tuple[bool, str]:
-    """(whether training runs torch.compile'd, why) for --compile, --no-compile or auto (None).
+def resolve_compile(requested: bool | None, device: torch.device, ranks: int = 1) -> tuple[bool | None, str]:
+    """(whether training runs torch.compile'd, why) for --compile, --no-compile or auto (None);
+    None: not yet, compile_pays decides once the first iterations are timed (auto on a CPU).
 
     auto is on for a CUDA GPU: there the compiled step of the default preset ran at 1.7-2.3x the eager
     tokens/s on an H100 (fewer, fused kernels), after about a minute of compiling, which a run of
     hours repays at once. Inductor needs triton on a GPU (torch's Linux CUDA wheels bring it), and
     triton needs compute capability 7.0 or newer (a P100, still common on free notebooks, is 6.0).
-    Off elsewhere: on a CPU it gained 1.1-1.7x only after 26-80 s of compiling, more than a short
-    run saves; MPS is not a target of inductor's training kernels."""
+    On a CPU it gained 1.3x (tiny preset) to 1.6x (default) after 26-90 s of compiling: a long run
+    gains, a run of minutes loses, so the first iterations run eagerly and their speed decides. MPS
+    is not a target of inductor's training kernels."""
     if requested is not None:
         return requested, "on" if requested else "off"  # as asked (--compile, --no-compile, the demo)
+    if device.type == "cpu" and ranks == 1:
+        return None, (f"off for the first {COMPILE_PROBE_ITERS} iterations (auto on a CPU: then on if their speed says "
+                      f"the rest of the run would take over {COMPILE_PAYS_S // 60} minutes eagerly; --compile / "
+                      f"--no-compile decide)")
     if device.type != "cuda":
-        return False, f"off (auto: a {device.type} device; --compile turns it on)"
+        return False, f"off (auto: a {device.type} device" + (" under torchrun" if ranks > 1 else "") + \
+            "; --compile turns it on)"
     if importlib.util.find_spec("triton") is None:
         return False, "off (auto: triton, which torch.compile needs on a GPU, is not installed)"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 7:
         return False, f"off (auto: triton needs a GPU of compute capability 7.0 or newer, this one is {major}.{minor})"
     return True, "on (auto: a CUDA GPU; --no-compile turns it off)"
+
+
+def compile_pays(step_s: float, iters_left: int, seconds_left: float | None) -> tuple[bool, str]:
+    """auto on a CPU, after COMPILE_PROBE_ITERS eager iterations of `step_s` seconds each: (whether
+    compiling now pays, why). It does when the rest of the run, `iters_left` iterations or the
+    `seconds_left` of --max-minutes, would take over COMPILE_PAYS_S eagerly: on a 2-core EPYC the
+    tiny preset broke even after about 4 minutes (58 s of compiling, then 1.3x), the default preset
+    after about 2."""
+    eager_s = iters_left * step_s if seconds_left is None else min(iters_left * step_s, seconds_left)
+    why = f"auto: an eager iteration took {step_s:.2f} s, the remaining {eager_s / 60:.1f} min"
+    if eager_s > COMPILE_PAYS_S:
+        return True, f"{why} repay the compiling"
+    return False, f"{why} would not repay the compiling"
+
+
+def compiler_error(device: torch.device) -> str | None:
+    """Why torch.compile cannot build kernels on `device`, or None where it can. On a CPU inductor
+    writes C++ and needs a working compiler (and OpenMP): a tiny function is compiled and run,
+    about 2 s, so a missing toolchain is one clear line instead of a traceback at the first step."""
+    if device.type != "cpu":
+        return None
+    import torch._dynamo  # imported here: it costs a second or more, which only compiled runs pay
+
+    try:
+        torch.compile(lambda x: (x * 2).sum())(torch.ones(4))
+    except Exception as e:  # noqa: BLE001 - inductor wraps compiler failures in several types
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        return lines[0][:200] if lines else type(e).__name__
+    return None
 
 
 def resolve_train_graphs(requested: bool, compiled: bool, device: torch.device, ranks: int) -> tuple[bool, str]:

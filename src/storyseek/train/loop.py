@@ -35,7 +35,8 @@ import torch
 from ..checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from ..checkpoint.pt import BEST, FINAL, LATEST, METRICS_CSV
 from ..data.batches import RandomWindows
-from ..device import autocast, keep_freed_memory, resolve_compile, resolve_dtype, resolve_train_graphs
+from ..device import (COMPILE_PROBE_ITERS, autocast, compile_pays, compiler_error, keep_freed_memory, resolve_compile,
+                      resolve_dtype, resolve_train_graphs)
 from ..data.shards import load_meta, open_tokens
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import StoryseekError
@@ -144,16 +145,18 @@ class Trainer:
         self.train_batches = RandomWindows(self.train_data, cfg.batch_size, self.T, self.device, cfg.seed + d.rank,
                                            self.state.rng["sampler"] if self.state.rng else None)
         del start
-        self.compile, self.compile_why = resolve_compile(cfg.compile, self.device)
+        compile, self.compile_why = resolve_compile(cfg.compile, self.device, d.world_size)
+        self.compile_later = compile is None  # auto on a CPU: the first iterations' speed decides (step)
+        self.compile = bool(compile)
+        if self.compile and (error := compiler_error(self.device)):
+            raise StoryseekError(f"--compile: torch.compile cannot build kernels here ({error}); install a C++ "
+                                 f"compiler (g++ or clang) or train without --compile")
         self.graphs, graphs_why = resolve_train_graphs(cfg.cuda_graphs, self.compile, self.device, d.world_size)
         self.compile_why += f", {graphs_why}" if graphs_why else ""
-        self.model = _wrap(self.raw_model, self.compile, self.graphs, d)
+        self.step_seconds: list[float] = []  # eager iterations timed while compile_later
+        self._build_model()
         if self.graphs:
             allocate_gradients(self.raw_model)
-        # Evaluation's forward, compiled too under --compile (an inference graph of its own, without
-        # CUDA graphs): 400 forwards per 1,000 steps at the defaults. On a 2-core CPU an evaluation
-        # ran 1.26x faster for the tiny preset, 1.11x for the default one (its chunked head dominates).
-        self.eval_nats = torch.compile(self._eval_nats) if self.compile else self._eval_nats
 
         # ------------------------------------------------- what we report
         self.tokens_per_iter = cfg.batch_size * self.T * cfg.grad_accum * d.world_size
@@ -172,6 +175,31 @@ class Trainer:
         self.log = MetricsLog(self.out, self.state.iter_num if cfg.resume else None, cfg.tensorboard, cfg.wandb,
                               cfg.wandb_project, {**cfg.to_dict(), "model_config": self.model_cfg.to_dict()}
                               ) if d.is_master else None
+
+    def _build_model(self) -> None:
+        """What the step and the evaluation call: eager, or compiled under self.compile. Evaluation's
+        forward is an inference graph of its own, without CUDA graphs: 400 forwards per 1,000 steps at
+        the defaults, which on a 2-core CPU ran 1.26x faster compiled for the tiny preset and 1.11x for
+        the default one (its chunked head dominates)."""
+        self.model = _wrap(self.raw_model, self.compile, self.graphs, self.d)
+        self.eval_nats = torch.compile(self._eval_nats) if self.compile else self._eval_nats
+
+    def _compile_if_it_pays(self) -> None:
+        """auto on a CPU, once COMPILE_PROBE_ITERS iterations ran eagerly: compile the rest of the run
+        if their speed says it pays (device.compile_pays). The median of the later half: the first
+        iterations warm up."""
+        cfg = self.cfg
+        self.compile_later = False
+        step_s = sorted(self.step_seconds[len(self.step_seconds) // 2:])[len(self.step_seconds) // 4]
+        seconds_left = 60 * cfg.max_minutes - (time.time() - self.t0) if cfg.max_minutes > 0 else None
+        self.compile, why = compile_pays(step_s, cfg.max_iters - self.state.iter_num, seconds_left)
+        if self.compile and (error := compiler_error(self.device)):
+            self.compile, why = False, f"{why}, but torch.compile cannot build kernels here ({error})"
+        if not self.compile:
+            self.say(f"torch.compile stays off ({why})")
+            return
+        self.say(f"torch.compile on from iter {self.state.iter_num} ({why}): the next iteration waits for the compiling")
+        self._build_model()
 
     def _announce(self, params: dict) -> None:
         cfg, d = self.cfg, self.d
@@ -255,6 +283,7 @@ class Trainer:
     def step(self) -> None:
         """One optimizer step: grad_accum micro-steps, clip, AdamW, then the MoE bias update."""
         cfg, d = self.cfg, self.d
+        started = time.perf_counter()
         for micro in range(cfg.grad_accum):
             if d.enabled:  # all-reduce gradients only on the last micro-step
                 self.model.require_backward_grad_sync = micro == cfg.grad_accum - 1
@@ -278,6 +307,10 @@ class Trainer:
         self.state.iter_num += 1
         self.iters_interval += 1
         self.state.evaluated = False
+        if self.compile_later:
+            self.step_seconds.append(time.perf_counter() - started)
+            if len(self.step_seconds) == COMPILE_PROBE_ITERS:
+                self._compile_if_it_pays()
         if self.state.iter_num % cfg.log_interval == 0:
             self.stats.check_finite(self.state.iter_num, self.out)
             tokens_per_sec = self.tokens_per_iter * self.iters_interval / (time.time() - self.t_interval)
