@@ -76,7 +76,7 @@ class TrainConfig:
                                    default_text="auto: on for a CUDA GPU that triton supports (there about a minute of "
                                                 "compiling, then 1.7-2.3x the eager tokens/s on an H100); on a CPU, "
                                                 "on after 20 eager iterations if the rest of the run would take over "
-                                                "10 minutes eagerly (there 26-90 s of compiling, then 1.3-1.6x); off "
+                                                "10 minutes eagerly (on 2 cores 45-105 s of compiling, then 1.15-1.6x); off "
                                                 "under torchrun on CPUs and on MPS")
     cuda_graphs: bool = setting(True, "with --compile on one CUDA GPU, replay the compiled forward and backward as "
                                       "CUDA graphs (torch.compile's reduce-overhead mode): the step no longer waits "
