@@ -35,7 +35,7 @@ from storyseek.generate.load import to_inference
 from storyseek.generate.sampling import SamplingConfig
 from storyseek.model import Transformer, get_preset
 from storyseek.model.info import cache_bytes_per_token
-from storyseek.model.linear import set_weight_major_rows
+from storyseek.model.linear import Linear, set_weight_major_rows
 from storyseek.model.moe import MoE
 
 from bench_export import best_time  # a script beside this one
@@ -105,12 +105,13 @@ def bytes_per_step(model: Transformer, batch: int) -> float:
 
 def without_weight_major(model: Transformer, fn):
     """fn() with every product in nn.Linear's x W^T layout (model/linear.py), then the measured layout back."""
-    rows = model.head.weight_major_rows
+    measured = {m: m.weight_major_rows for m in model.modules() if isinstance(m, Linear)}  # per weight shape
     set_weight_major_rows(model, 0)
     try:
         return fn()
     finally:
-        set_weight_major_rows(model, rows)
+        for layer, rows in measured.items():
+            layer.weight_major_rows = rows
 
 
 def weight_limit(model: Transformer, batch: int, bandwidth: float) -> float:

@@ -141,7 +141,8 @@ def test_each_linear_takes_the_layout_measured_for_its_weight_shape(monkeypatch)
     model = Transformer(ModelConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=32, kv_lora_rank=16,
                                     qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_dense_layers=1,
                                     inter_dim=64, moe_inter_dim=16))
-    monkeypatch.setattr(device, "measure_weight_major_rows", lambda ws: {tuple(w.shape): 2 if w.shape == (96, 32) else 0 for w in ws})  # the head's shape only
+    monkeypatch.setattr(device, "measure_weight_major_rows",  # the head's shape only
+                        lambda ws: {tuple(w.shape): 2 if w.shape == (96, 32) else 0 for w in ws})
     model = to_inference(model, torch.float32)
     rows = {name: m.weight_major_rows for name, m in model.named_modules() if isinstance(m, Linear)}
     assert rows["head"] == 2 and all(r == 0 for name, r in rows.items() if name != "head")

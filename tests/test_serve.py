@@ -94,7 +94,7 @@ SERVE_MAIN = """
 import sys
 from storyseek import device
 device.measure_bf16_speedup = lambda shapes, **kw: 0.5
-device.measure_weight_major_rows = lambda weights: 8
+device.measure_weight_major_rows = lambda weights: {tuple(w.shape): 8 for w in weights}
 from storyseek.cli import main
 sys.exit(main(sys.argv[1:]))
 """
