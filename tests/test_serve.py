@@ -275,6 +275,7 @@ def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, mode, one_threa
 def test_engine_graphs_record_the_compiled_step_under_compile(ckpt, monkeypatch, one_thread):
     """serve --compile on a GPU: the CUDA graph of each batch size records the compiled step, not the
     eager model (torch.compile and the graphs replaced by stand-ins that record what they run)."""
+    from storyseek import device
     from storyseek.generate import graphs
     from storyseek.generate.config import SamplingConfig
     from storyseek.generate.load import load_model
@@ -286,6 +287,7 @@ def test_engine_graphs_record_the_compiled_step_under_compile(ckpt, monkeypatch,
         return lambda idx, **k: compiled.append(idx.shape[0]) or model(idx, **k)
 
     monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(device, "compiler_error", lambda dev: None)  # the toolchain probe would compile too
     monkeypatch.setattr(graphs, "graphs_supported", lambda device: True)
     monkeypatch.setattr(graphs, "GraphedStep", lambda fn: fn)  # a replay is a call
     model, tok = load_model(ckpt, device="cpu", dtype="float32")

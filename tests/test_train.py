@@ -311,7 +311,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_train_without_a_cpu_compiler_says_so_for_compile_and_trains_eagerly_for_auto(data, tmp_path):
+def test_without_a_cpu_compiler_compile_says_so_and_auto_trains_eagerly(data, tmp_path):
     args = [sys.executable, "-c", NO_COMPILER, "train", "--data", str(data), *TINY, "--max-iters", "5",
             "--eval-interval", "5"]
     r = subprocess.run([*args, "--out", str(tmp_path / "asked"), "--compile"], capture_output=True, text=True,
@@ -319,7 +319,7 @@ def test_train_without_a_cpu_compiler_says_so_for_compile_and_trains_eagerly_for
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         "storyseek: error: --compile: torch.compile cannot build kernels here (InvalidCxxCompiler: No working C++ compiler found "
-        "in torch._inductor.config.cpp.cxx: ('no-such-c++',)); install a C++ compiler (g++ or clang) or train "
+        "in torch._inductor.config.cpp.cxx: ('no-such-c++',)); install a C++ compiler (g++ or clang) or run "
         "without --compile"]
     assert not (tmp_path / "asked").exists()
     r = subprocess.run([*args, "--out", str(tmp_path / "auto")], capture_output=True, text=True, env=SUBPROCESS_ENV,
@@ -327,6 +327,13 @@ def test_train_without_a_cpu_compiler_says_so_for_compile_and_trains_eagerly_for
     assert r.returncode == 0, r.stderr[-3000:]
     assert "repay the compiling, but torch.compile cannot build kernels here (InvalidCxxCompiler" in r.stdout
     assert "iter 5: train_loss" in r.stdout and (tmp_path / "auto" / "final_model.pt").is_file()
+    # generate --compile (and serve --compile, the same check) on the same machine: one line, no story
+    r = subprocess.run([sys.executable, "-c", NO_COMPILER, "generate", "--model", str(tmp_path / "auto" / "final_model.pt"),
+                        "--prompt", "A fox.", "--max-tokens", "4", "--compile"], capture_output=True, text=True,
+                       env=SUBPROCESS_ENV, timeout=240)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("storyseek: error: --compile: torch.compile cannot build "
+                                                        "kernels here (InvalidCxxCompiler")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -157,6 +157,14 @@ def compile_pays(step_s: float, iters_left: int, seconds_left: float | None) -> 
     return False, f"{why} would not repay the compiling"
 
 
+def require_compiler(device: torch.device) -> None:
+    """--compile was asked for (train, generate, serve): one clear line where torch.compile cannot
+    build kernels on `device`, instead of a traceback from inside the first compiled step."""
+    if error := compiler_error(device):
+        raise StoryseekError(f"--compile: torch.compile cannot build kernels here ({error}); install a C++ "
+                             f"compiler (g++ or clang) or run without --compile")
+
+
 def compiler_error(device: torch.device) -> str | None:
     """Why torch.compile cannot build kernels on `device`, or None where it can. On a CPU inductor
     writes C++ and needs a working compiler (and OpenMP): a tiny function is compiled and run,

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..device import CompiledStep, cached_probe, store_probe
+from ..device import CompiledStep, cached_probe, require_compiler, store_probe
 from ..errors import StoryseekError
 from ..model import CacheStep, LatentCache, Transformer
 from . import graphs
@@ -133,6 +133,8 @@ class _Decoder:
         # Decode steps (one token per row, or a 2-token verify, and MTP's step after it) compiled
         # under --compile (device.CompiledStep). Prefills stay eager (one per prompt). Compiled code
         # is cached per process, keyed on this model.
+        if cfg.compile:
+            require_compiler(self.device)
         self.forward_step = CompiledStep(model) if cfg.compile else model
         self.mtp_step = CompiledStep(model.mtp_hidden) if cfg.compile else model.mtp_hidden
         self.draft = draft_head(model) if self.speculative else None  # MTP's head: int8 where faster

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.tokenizer import Tokenizer
-from ..device import CompiledStep
+from ..device import CompiledStep, require_compiler
 from ..generate import graphs
 from ..generate.config import SamplingConfig
 from ..generate.sampling import draw, probabilities
@@ -72,6 +72,8 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int, compile: bool = False,
                  cuda_graphs: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        if compile:
+            require_compiler(model.embed.weight.device)
         # Decode steps compiled under --compile (device.CompiledStep); prefills stay eager.
         self.forward_step = CompiledStep(model) if compile else model
         self.V = tokenizer.vocab_size  # ids >= it are the embedding's padding: never sampled

@@ -35,8 +35,8 @@ import torch
 from ..checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from ..checkpoint.pt import BEST, FINAL, LATEST, METRICS_CSV
 from ..data.batches import RandomWindows
-from ..device import (COMPILE_PROBE_ITERS, autocast, compile_pays, compiler_error, keep_freed_memory, resolve_compile,
-                      resolve_dtype, resolve_train_graphs)
+from ..device import (COMPILE_PROBE_ITERS, autocast, compile_pays, compiler_error, keep_freed_memory, require_compiler,
+                      resolve_compile, resolve_dtype, resolve_train_graphs)
 from ..data.shards import load_meta, open_tokens
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import StoryseekError
@@ -148,9 +148,8 @@ class Trainer:
         compile, self.compile_why = resolve_compile(cfg.compile, self.device, d.world_size)
         self.compile_later = compile is None  # auto on a CPU: the first iterations' speed decides (step)
         self.compile = bool(compile)
-        if self.compile and (error := compiler_error(self.device)):
-            raise StoryseekError(f"--compile: torch.compile cannot build kernels here ({error}); install a C++ "
-                                 f"compiler (g++ or clang) or train without --compile")
+        if self.compile:
+            require_compiler(self.device)
         self.graphs, graphs_why = resolve_train_graphs(cfg.cuda_graphs, self.compile, self.device, d.world_size)
         self.compile_why += f", {graphs_why}" if graphs_why else ""
         self.step_seconds: list[float] = []  # eager iterations timed while compile_later
