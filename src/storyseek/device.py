@@ -167,12 +167,11 @@ def require_compiler(device: torch.device) -> None:
 
 def compiler_error(device: torch.device) -> str | None:
     """Why torch.compile cannot build kernels on `device`, or None where it can. On a CPU inductor
-    writes C++ and needs a working compiler (and OpenMP): a tiny function is compiled and run,
-    about 2 s, so a missing toolchain is one clear line instead of a traceback at the first step."""
+    writes C++ and needs a working compiler (and OpenMP): a tiny function is compiled and run (about
+    2 s, most of it importing what the real compile needs anyway). Once per process: a second call
+    finds the function already compiled."""
     if device.type != "cpu":
         return None
-    import torch._dynamo  # imported here: it costs a second or more, which only compiled runs pay
-
     try:
         torch.compile(lambda x: (x * 2).sum())(torch.ones(4))
     except Exception as e:  # noqa: BLE001 - inductor wraps compiler failures in several types

@@ -130,11 +130,11 @@ class _Decoder:
             if known is not None:
                 self.speculative, self.auto_key = bool(known), None
                 stats.auto = f"auto chose {'speculative' if known else 'plain'} decoding (measured for this model before, cached)"
+        if cfg.compile:
+            require_compiler(self.device)
         # Decode steps (one token per row, or a 2-token verify, and MTP's step after it) compiled
         # under --compile (device.CompiledStep). Prefills stay eager (one per prompt). Compiled code
         # is cached per process, keyed on this model.
-        if cfg.compile:
-            require_compiler(self.device)
         self.forward_step = CompiledStep(model) if cfg.compile else model
         self.mtp_step = CompiledStep(model.mtp_hidden) if cfg.compile else model.mtp_hidden
         self.draft = draft_head(model) if self.speculative else None  # MTP's head: int8 where faster

@@ -25,6 +25,7 @@ import inspect
 import math
 import random
 import signal
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +190,7 @@ class Trainer:
         iterations warm up."""
         cfg = self.cfg
         self.compile_later = False
-        step_s = sorted(self.step_seconds[len(self.step_seconds) // 2:])[len(self.step_seconds) // 4]
+        step_s = statistics.median(self.step_seconds[len(self.step_seconds) // 2:])
         seconds_left = 60 * cfg.max_minutes - (time.time() - self.t0) if cfg.max_minutes > 0 else None
         self.compile, why = compile_pays(step_s, cfg.max_iters - self.state.iter_num, seconds_left)
         if self.compile and (error := compiler_error(self.device)):
