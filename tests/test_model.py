@@ -169,18 +169,40 @@ def test_vectorized_moe_equals_per_token_reference(score_func):
     assert (fast - slow).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2), (4, 1), (3, 5)])
-def test_moe_decode_path_equals_per_token_reference(score_func, shape):
+def test_moe_decode_path_equals_per_token_reference(score_func, shape, fused):
     """Decode-step MoE: one token runs only its chosen experts, more tokens weigh every expert by
-    the gate matrix; both are the same function as the training dispatch."""
-    model = small_model(score_func=score_func, route_scale=2.5)
+    the gate matrix (with fused experts: all of them in two products); all are the same function
+    as the training dispatch."""
+    model = small_model(score_func=score_func, route_scale=2.5, n_shared_experts=2)
     moe = model.moe_layers()[0]
+    if fused:
+        moe.fuse_experts()
     x = torch.randn(*shape, 64)
     with torch.no_grad():
         fast = moe_decode(moe, x)
         slow = naive_moe(moe, x.view(-1, 64)).view(*shape, 64)
     assert (fast - slow).abs().max().item() <= 1e-5
+
+
+def test_fuse_experts_keeps_every_weight_and_one_copy():
+    """Fusing moves the experts' weights into two matrices without changing a value or the state
+    dict, and the experts' Linears become views of them: a later in-place load reaches both."""
+    model = small_model()
+    moe = model.moe_layers()[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moe.fuse_experts()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    w1 = moe.experts[1].w1.weight
+    assert w1.untyped_storage().data_ptr() == moe.w13.untyped_storage().data_ptr()
+    with torch.no_grad():
+        w1.fill_(0.5)
+        moe.shared_experts.w2.weight.fill_(-0.25)
+    H = w1.shape[0]
+    assert (moe.w13[0, H : 2 * H] == 0.5).all() and (moe.w2[:, -moe.shared_experts.w2.in_features :] == -0.25).all()
 
 
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])

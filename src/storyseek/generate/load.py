@@ -18,7 +18,8 @@ def to_inference(model: Transformer, dtype: torch.dtype) -> Transformer:
     """Eval mode in `dtype`, keeping in fp32 what must stay precise: the router (its weight and
     balancing bias, as DeepSeek-V3 does: bf16 rounding can flip the top-k near a tie) and the RoPE
     tables (bf16 angles drift at long positions). Both are set aside before the cast and put back
-    as they were, bit for bit: casting to bf16 and back would round them. On a CPU, the decode
+    as they were, bit for bit: casting to bf16 and back would round them. Each MoE layer's experts
+    are fused into two matrices (MoE.fuse_experts) for the decode step. On a CPU, the decode
     step's few-row products take the layout measured fastest for these weights (model/linear.py)."""
     rope = model.rope_cos, model.rope_sin
     routers = [(moe.gate, {k: v.detach().clone() for k, v in moe.gate.state_dict().items()})
@@ -27,6 +28,8 @@ def to_inference(model: Transformer, dtype: torch.dtype) -> Transformer:
     model.rope_cos, model.rope_sin = (t.to(model.rope_cos.device) for t in rope)
     for gate, exact in routers:
         gate.float().load_state_dict(exact)
+    for moe in model.moe_layers():
+        moe.fuse_experts()
     if model.embed.weight.device.type == "cpu":
         weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
         set_weight_major_rows(model, weight_major_rows(weights)[0])

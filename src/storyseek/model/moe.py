@@ -87,6 +87,9 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts > 0 else None)
         # Tokens routed to each expert since the last bias update (training only; not saved).
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # Inference only (fuse_experts): every expert's weights as two matrices, for moe_decode.
+        self.register_buffer("w13", None, persistent=False)  # [2, E*H + H_s, D]: all w1 rows, all w3 rows
+        self.register_buffer("w2", None, persistent=False)  # [D, E*H + H_s]: all w2 columns
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: [B, T, D] -> (output [B, T, D], balance loss or None).
@@ -165,6 +168,23 @@ class MoE(nn.Module):
         return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
 
     @torch.no_grad()
+    def fuse_experts(self) -> None:
+        """For inference: move every expert's weights (routed, then shared) into two matrices,
+        w13 [2, E*H + H_s, D] (their w1 rows, then their w3 rows) and w2 [D, E*H + H_s] (their w2
+        side by side), each expert's Linear weights becoming views of them (no second copy). A
+        decode step can then run all the experts in two products (moe_decode). Call it after any
+        dtype or device change: `.to()` copies views and matrices apart."""
+        mlps = list(self.experts) + ([self.shared_experts] if self.shared_experts is not None else [])
+        w13 = torch.stack([torch.cat([m.w1.weight for m in mlps]), torch.cat([m.w3.weight for m in mlps])])
+        w2 = torch.cat([m.w2.weight for m in mlps], dim=1)
+        start = 0
+        for m in mlps:
+            end = start + m.w1.out_features
+            m.w1.weight.data, m.w3.weight.data, m.w2.weight.data = w13[0, start:end], w13[1, start:end], w2[:, start:end]
+            start = end
+        self.w13, self.w2 = w13, w2
+
+    @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:
         """Auxiliary-loss-free balancing: b_i += gamma * sign(mean(load) - load_i), then reset counts.
 
@@ -183,19 +203,36 @@ def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     loss): x [B, S, D] -> [B, S, D], without sorting tokens by expert.
 
     Each expert runs on all N tokens, weighted by the gate matrix G [N, E] (zero where not chosen):
-    no sorting or gathering, and each expert's weights are read once per step. On a CPU the experts
-    no token chose are skipped (reading the indices on the host costs nothing there: no queue to
-    drain; one token runs only its top-k), in a fixed order so the sums are reproducible. Elsewhere
-    all of them run, with no host round-trip, so a GPU keeps its queue full and the step can be
-    graph-captured.
+    no sorting or gathering, and each expert's weights are read once per step. With the experts
+    fused (MoE.fuse_experts) that is two products for all of them (_all_experts). On a CPU a step
+    whose tokens choose fewer (token, expert) pairs than there are experts (one token: its top-k)
+    runs only the chosen experts instead, one by one, in a fixed order so the sums are reproducible:
+    reading the indices on the host costs nothing there (no queue to drain), and the unchosen
+    experts' weights are never read. Elsewhere nothing waits for the host, so a GPU keeps its queue
+    full and the step can be graph-captured or compiled.
     """
     B, S, D = x.shape
     flat = x.reshape(-1, D)  # [N, D]
+    N = flat.shape[0]
     weights, indices, _ = moe.gate(flat)  # [N, k] each
-    out = moe.shared_experts(flat) if moe.shared_experts is not None else torch.zeros_like(flat)
-    gate = torch.zeros(flat.shape[0], moe.n_experts, dtype=flat.dtype, device=flat.device)
+    gate = torch.zeros(N, moe.n_experts, dtype=flat.dtype, device=flat.device)
     gate.scatter_(1, indices, weights.to(flat.dtype))  # [N, E]
     on_host = flat.device.type == "cpu" and not torch.compiler.is_compiling()
+    if moe.w13 is not None and not (on_host and N * moe.topk < moe.n_experts):
+        return _all_experts(moe, flat, gate).view(B, S, D)
+    out = moe.shared_experts(flat) if moe.shared_experts is not None else torch.zeros_like(flat)
     for e in sorted(set(indices.flatten().tolist())) if on_host else range(moe.n_experts):
         out = torch.addcmul(out, moe.experts[e](flat), gate[:, e : e + 1])  # + G_e FFN_e(u)
     return out.view(B, S, D)
+
+
+def _all_experts(moe: MoE, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Every expert, routed and shared, on x [N, D] in two products -> [N, D]. Scaling a routed
+    expert's hidden units by its gate weight scales its output (w2 is linear), so the second
+    product sums the experts' outputs: sum_i g_i w2_i h_i = [w2_1 ... w2_E w2_s] [g_1 h_1; ...; h_s]."""
+    N = x.shape[0]
+    E, H = moe.n_experts, moe.experts[0].w1.out_features
+    h = moe.w13 @ x.T  # [2, E*H + H_s, N]: the w1 and w3 projections of every expert
+    act = F.silu(h[0]) * h[1]  # [E*H + H_s, N]
+    act[: E * H].view(E, H, N).mul_(gate.T.unsqueeze(1))  # routed units x g_i (0 where not chosen)
+    return (moe.w2 @ act).T
