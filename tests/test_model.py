@@ -169,14 +169,15 @@ def test_vectorized_moe_equals_per_token_reference(score_func):
     assert (fast - slow).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("experts", [4, 9])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2), (4, 1), (3, 5)])
-def test_moe_decode_path_equals_per_token_reference(score_func, shape, fused):
-    """Decode-step MoE: one token runs only its chosen experts, more tokens weigh every expert by
-    the gate matrix (with fused experts: all of them in two products); all are the same function
-    as the training dispatch."""
-    model = small_model(score_func=score_func, route_scale=2.5, n_shared_experts=2)
+def test_moe_decode_path_equals_per_token_reference(score_func, shape, fused, experts):
+    """Decode-step MoE: a few tokens run only their chosen experts, more weigh every expert by the
+    gate matrix (with fused experts: all of them in two products); all are the same function as the
+    training dispatch."""
+    model = small_model(score_func=score_func, route_scale=2.5, n_shared_experts=2, n_routed_experts=experts)
     moe = model.moe_layers()[0]
     if fused:
         moe.fuse_experts()
