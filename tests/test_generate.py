@@ -268,6 +268,26 @@ def test_stops_at_end_token_and_rows_stop_independently(trained_model):
         assert rows == [[6, 7, 8], list(range(41, 61)), list(range(22, 42))], name
 
 
+@pytest.mark.parametrize("min_tokens", [0, 1, 3])
+def test_min_tokens_holds_the_end_back_on_every_path(random_model, min_tokens):
+    """A model that always wants to end (token 9 pushed far above the rest): each row ends right
+    after min_tokens new tokens, none of them the end, on every path, greedy and sampled."""
+    model = copy.deepcopy(random_model)
+    push = torch.zeros(MICRO.vocab_size)
+    push[9] = 100.0
+    model.head.register_forward_hook(lambda module, args, out: out + push)
+    paths = {"no-cache": dict(use_cache=False), "cache": dict(speculative=False), "speculative": dict(speculative=True),
+             "auto": dict(speculative=None)}
+    samplings = {"greedy": GREEDY, "sampled": SamplingConfig(temperature=1.0),
+                 "penalized": SamplingConfig(temperature=0, repetition_penalty=1.3)}
+    for path, kw in paths.items():
+        for name, sampling in samplings.items():
+            sampling = SamplingConfig(**{**vars(sampling), "min_tokens": min_tokens})
+            cfg = GenerateConfig(max_tokens=8, sampling=sampling, seed=1, **kw)
+            rows = generate_ids(model, PROMPTS, cfg, vocab_size=120, stop_ids={9})
+            assert [len(r) for r in rows] == [min_tokens] * 3 and all(9 not in r for r in rows), (path, name, rows)
+
+
 def test_decode_yields_step_by_step_and_slides_past_the_context(random_model):
     prompt = list(range(1, 41))  # 40 of 48 positions used: generation runs far past the context
     for spec in (False, True):

@@ -384,12 +384,37 @@ def test_queue_limit_answers_429(small):
     assert not waiting.is_alive() and _wait(lambda: small.health()["active"] == 0)
 
 
+def test_engine_holds_the_end_back_until_min_tokens(ckpt, one_thread):
+    """A model that always wants to end: a row asking for min_tokens 4 ends right after 4 tokens,
+    one asking for 0 ends at once, in one batch."""
+    from storyseek.generate.config import SamplingConfig
+    from storyseek.generate.load import load_model
+    from storyseek.serve.engine import Engine, Row
+
+    model, tok = load_model(ckpt, device="cpu", dtype="float32")
+    push = torch.zeros(model.cfg.vocab_size)
+    push[tok.eot_id] = 100.0
+    model.head.register_forward_hook(lambda module, args, out: out + push)
+    engine = Engine(model, tok, max_batch=2)
+    rows = [Row(prompt=tok.encode("A shy rabbit"), max_tokens=10, sampling=SamplingConfig(temperature=t, min_tokens=n),
+                stop_ids=frozenset({tok.eot_id}), raw=True) for t, n in ((0, 4), (1.0, 0))]
+    outs = [engine.add(row) for row in rows]
+    while outs:
+        for out in outs:
+            if out.finish_reason:
+                engine.remove(out.row)
+        outs = engine.step()
+    assert [r.generated for r in rows] == [4, 0] and [r.finish_reason for r in rows] == ["stop", "stop"]
+    assert tok.eot_id not in rows[0].tokens
+
+
 # --------------------------------------------------------------------- bad requests
 BAD = [
     ("post", "/v1/completions", b"{not json", 400, "invalid_json"),
     ("post", "/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, None),
     ("post", "/v1/completions", {"prompt": "x", "temperature": -1}, 400, None),
     ("post", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, None),
+    ("post", "/v1/completions", {"prompt": "x", "min_tokens": -1}, 400, None),
     ("post", "/v1/completions", {"max_tokens": 5}, 400, None),  # no prompt
     ("post", "/v1/completions", {"prompt": "x", "n": 17}, 400, None),
     ("post", "/v1/completions", {"prompt": "x", "logprobs": 3}, 400, None),

@@ -13,7 +13,8 @@ from ..settings import setting
 
 @dataclass
 class SamplingConfig:
-    """Processing order follows transformers' / llama2.c's: repetition penalty, temperature, top-k, top-p."""
+    """Processing order follows transformers' / llama2.c's: the end held back before min_tokens,
+    repetition penalty, temperature, top-k, top-p."""
 
     temperature: float = setting(0.8, "sampling temperature; 0 = greedy")
     top_k: int = setting(0, "sample among the k most likely tokens; 0 = off")
@@ -21,6 +22,9 @@ class SamplingConfig:
                                 "in (0, 1]; 1 = off")
     # CTRL (Keskar et al. 2019): divide the positive logits of tokens already in the text (multiply the negative)
     repetition_penalty: float = setting(1.0, "> 1 discourages repeating tokens already in the text; 1 = off")
+    # transformers' min_new_tokens, vLLM's min_tokens: a barely trained model often ends at once
+    min_tokens: int = setting(1, "new tokens a text has before it may end (before them the end token, and in story "
+                                 "mode <|prompt|>, are never chosen): 1 = never an empty story; 0 = off")
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:  # also rejects NaN
@@ -31,6 +35,8 @@ class SamplingConfig:
             raise StoryseekError(f"top-p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise StoryseekError(f"repetition penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.min_tokens < 0:
+            raise StoryseekError(f"min-tokens must be >= 0 (0 = off), got {self.min_tokens}")
 
     @property
     def greedy(self) -> bool:

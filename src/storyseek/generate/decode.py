@@ -18,8 +18,10 @@ Speculative step (MTP depth 1, DeepSeek-V3 section 2.2 used as a draft model, "s
   latents at position n (main and MTP) are simply overwritten by the next write (the cache is
   indexed by position), so rollback costs nothing.
 
-Between steps the host holds each row's tokens (for stops, the budget and the sliding window); the
-device holds the next input token and its position. One read-back per step carries the new tokens.
+Between steps the host holds each row's tokens (for stops, min_tokens, the budget and the sliding
+window); the device holds the next input token and its position. One read-back per step carries the
+new tokens. A row with fewer than min_tokens new tokens cannot choose a stop token (its logits are
+-inf there), so a barely trained model that would end at once still writes a story.
 On a CUDA GPU each step is replayed as a CUDA graph (generate/graphs.py): one launch, not a thousand.
 
 auto (speculative=None, the default for a model with MTP): the first steps are a few plain steps,
@@ -158,13 +160,39 @@ class _Decoder:
             self.seen = torch.zeros(B, self.V, dtype=torch.bool, device=self.device)
             for r, s in enumerate(self.seqs):
                 self.seen[r, torch.tensor(s, device=self.device).clamp_(max=self.V - 1)] = True
+        # min_tokens: held[k, r] says row r may not end at this step's k-th new token (k = 1: a
+        # verify's bonus token). On the device, so a CUDA graph replays the current rows' state.
+        self.is_end = None
+        ends = [t for t in self.stop_ids if t < self.V]
+        if self.sampling.min_tokens and ends:
+            self.is_end = torch.zeros(self.V, dtype=torch.bool, device=self.device)
+            self.is_end[ends] = True
+            self.held = torch.zeros(2, B, dtype=torch.bool, device=self.device)
+            self.held_host: list[list[bool]] = []
+            self._hold()
 
     # ----------------------------------------------------------------- helpers
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[..., : self.V]  # padded vocab ids can never be chosen
 
-    def _choose(self, logits: torch.Tensor, seen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits [B, V] -> (token [B], the distribution it came from, or None when greedy)."""
+    def _hold(self) -> None:
+        """Which rows may not end yet (min_tokens), at this step's first new token and the next."""
+        held = [[not d and g + k < self.sampling.min_tokens for g, d in zip(self.generated, self.done)] for k in (0, 1)]
+        if held != self.held_host:
+            self.held.copy_(torch.tensor(held))
+            self.held_host = held
+
+    def _ends_held(self, logits: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """logits [B, V] with the stop tokens at -inf in the rows that may not end at this step's
+        k-th new token."""
+        if self.is_end is None or not any(self.held_host[k]):
+            return logits
+        return logits.masked_fill(self.held[k].unsqueeze(-1) & self.is_end, float("-inf"))
+
+    def _choose(self, logits: torch.Tensor, seen: torch.Tensor | None, k: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [B, V] of each row's k-th new token in this step -> (token [B], the distribution
+        it came from, or None when greedy)."""
+        logits = self._ends_held(logits, k)
         if self.sampling.greedy:
             if seen is not None:
                 logits = probabilities(logits, self.sampling, seen)  # one-hot after the penalty
@@ -194,6 +222,8 @@ class _Decoder:
                 self.seen[r, torch.tensor(kept, device=self.device)] = True
             out.append(kept)
         self.stats.new_tokens += sum(len(k) for k in out)
+        if self.is_end is not None:
+            self._hold()
         return out
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,8 +287,9 @@ class _Decoder:
             first, _ = self._choose(logits[:, 0], seen)
             accepted = first == draft
         else:
-            accepted, first = speculative_accept(probabilities(logits[:, 0], self.sampling, seen), q, draft, self.gen)
-        bonus, _ = self._choose(logits[:, 1], seen2)
+            p = probabilities(self._ends_held(logits[:, 0]), self.sampling, seen)
+            accepted, first = speculative_accept(p, q, draft, self.gen)
+        bonus, _ = self._choose(logits[:, 1], seen2, k=1)
         # MTP on both positions, (h_{n-1}, t_n) and (h_n, t_{n+1}), in the same step: the next
         # draft comes from the last confirmed one, position n if accepted, else n-1. A rejected
         # row's MTP latent at n (from a wrong h_n) is rewritten by its next step, as the main one.

@@ -171,7 +171,8 @@ def create_app(cfg: ServeConfig, load: Callable[[], tuple] | None = None):
         max_tokens = min(getattr(req, "max_completion_tokens", None) or req.max_tokens or cfg.max_tokens, cfg.max_tokens)
         defaults = SamplingConfig()
         sampling = SamplingConfig(temperature=defaults.temperature if req.temperature is None else req.temperature,
-                                  top_p=req.top_p or defaults.top_p, top_k=req.top_k or 0)
+                                  top_p=req.top_p or defaults.top_p, top_k=req.top_k or 0,
+                                  min_tokens=defaults.min_tokens if req.min_tokens is None else req.min_tokens)
         tok = state.tokenizer
         stops = frozenset(stop_ids(tok, raw))
         bias = {i: b for i, b in (req.logit_bias or {}).items()}

@@ -188,11 +188,14 @@ class Engine:
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Greedy rows take the argmax together; rows that sample share one `probabilities` per
-        setting (temperature, top-k, top-p) and draw one by one, each from its own generator."""
+        setting (temperature, top-k, top-p) and draw one by one, each from its own generator.
+        Before a row has min_tokens new tokens, its stop tokens are out of the running."""
         for i, row in enumerate(rows):
             if row.logit_bias:
                 ids = torch.tensor(list(row.logit_bias), device=self.device)
                 logits[i, ids] += torch.tensor(list(row.logit_bias.values()), device=self.device)
+            if row.generated < row.sampling.min_tokens:  # it may not end yet
+                logits[i, [t for t in row.stop_ids if t < self.V]] = float("-inf")
         chosen = logits.argmax(-1).tolist()
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):

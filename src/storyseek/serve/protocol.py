@@ -1,8 +1,8 @@
 """The OpenAI wire format: request bodies, response and chunk objects, errors.
 
 Requests are validated here (a wrong field is a 400 naming it); what a request asks for becomes
-`Row`s for the engine in app.py. Fields beyond OpenAI's: `mode` ("story" | "raw", see the README)
-and `top_k`, as other OpenAI-compatible servers (vLLM, llama.cpp) accept them.
+`Row`s for the engine in app.py. Fields beyond OpenAI's: `mode` ("story" | "raw", see the README),
+and `top_k` and `min_tokens`, as other OpenAI-compatible servers (vLLM, llama.cpp) accept them.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     user: str | None = None
     mode: Literal["story", "raw"] | None = None
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's extension; default: SamplingConfig's
 
     @field_validator("stop")
     @classmethod
