@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..data.template import CHARACTER, MORAL, STORY, story_prompt
 from ..data.tokenizer import Tokenizer, stop_ids
+from ..device import require_compiler
 from ..errors import StoryseekError
 from ..memory import check_fits, generate_bytes
 from ..model import Transformer
@@ -172,6 +173,7 @@ def generate_command(model_path: str, prompts: list[str], cfg: GenerateConfig, *
                   f"{p.dtype} on {p.device}, {path}",
                   file=sys.stderr)
         if cfg.compile:  # else a streamed story would stall after its first token with no word why
+            require_compiler(next(model.parameters()).device)  # first: no status line before its error
             print("storyseek: --compile: the first decode steps wait for torch.compile (seconds, once per process)",
                   file=sys.stderr)
         single = len(prompts) == 1 and cfg.num_samples == 1
