@@ -61,10 +61,11 @@ PROMPTS = ["Once upon a time, a little mouse", "The shy rabbit looked at the big
 
 
 class Server:
-    def __init__(self, model: Path, max_batch: int, threads: int):
+    def __init__(self, model: Path, max_batch: int, threads: int, compile: bool = False):
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         self.proc = subprocess.Popen([sys.executable, "-m", "storyseek", "serve", "--model", str(model), "--port", "0",
-                                      "--max-batch", str(max_batch), "--threads", str(threads), "--max-queue", "1000"],
+                                      "--max-batch", str(max_batch), "--threads", str(threads), "--max-queue", "1000",
+                                      *(["--compile"] if compile else [])],
                                      env=env, stderr=subprocess.PIPE, text=True)
         m = re.search(r"listening on (http://[\d.]+:\d+)/", self.proc.stderr.readline())
         assert m, "the server did not start"
@@ -124,7 +125,7 @@ async def phase(url: str, clients: int, seconds: float, max_tokens: int, eot: in
 
 
 def run(quick: bool = True, clients: int = 8, seconds: float | None = None, rounds: int = 2, max_tokens: int = 128,
-        threads: int = 1, model: str | None = None) -> dict:
+        threads: int = 1, model: str | None = None, compile: bool = False) -> dict:
     from storyseek.generate.load import load_model
 
     seconds = seconds or (10.0 if quick else 30.0)
@@ -133,7 +134,7 @@ def run(quick: bool = True, clients: int = 8, seconds: float | None = None, roun
         m, tok = load_model(path, device="cpu")
         eot, shape = tok.eot_id, f"{m.cfg.n_layer} layers x {m.cfg.n_embd}, vocab {tok.vocab_size}"
         del m
-        server = Server(path, max_batch=max(clients, 1), threads=threads)
+        server = Server(path, max_batch=max(clients, 1), threads=threads, compile=compile)
         try:
             asyncio.run(phase(server.url, 1, 2.0, 16, eot))  # warm-up
             serial, together = [], []
@@ -144,6 +145,7 @@ def run(quick: bool = True, clients: int = 8, seconds: float | None = None, roun
             server.stop()
     med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
     return {"model": str(model or f"tiny preset, random weights ({shape})"), "clients": clients, "threads": threads,
+            "compile": compile,
             "max_tokens": max_tokens, "seconds_per_phase": seconds, "rounds": rounds,
             "serial": serial, "concurrent": together,
             "speedup": round(med(together, "tokens_per_s") / med(serial, "tokens_per_s"), 2),
@@ -152,7 +154,8 @@ def run(quick: bool = True, clients: int = 8, seconds: float | None = None, roun
 
 def markdown(res: dict) -> str:
     med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
-    lines = [f"{res['model']}, `--threads {res['threads']}`, {res['max_tokens']} new tokens per request, "
+    flags = f"--threads {res['threads']}" + (" --compile" if res.get("compile") else "")
+    lines = [f"{res['model']}, `{flags}`, {res['max_tokens']} new tokens per request, "
              f"{res['rounds']} alternating rounds of {res['seconds_per_phase']:g} s per phase (medians); "
              f"load average after: {', '.join(f'{x:.1f}' for x in res['load_average'])}", "",
              "| clients | requests | aggregate tokens/s | first token p50 | first token p95 | request p50 |",
@@ -173,10 +176,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="the server's --threads")
     ap.add_argument("--model", help="a checkpoint (default: the tiny preset with random weights)")
+    ap.add_argument("--compile", action="store_true", help="the server's --compile (its startup waits for it)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     args = ap.parse_args()
     res = run(clients=args.clients, seconds=args.seconds, rounds=args.rounds, max_tokens=args.max_tokens,
-              threads=args.threads, model=args.model)
+              threads=args.threads, model=args.model, compile=args.compile)
     print(json.dumps(res, indent=2) if args.json else markdown(res))
 
 

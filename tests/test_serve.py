@@ -256,6 +256,7 @@ def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, mode, one_threa
         real = graphs.GraphedStep
         monkeypatch.setattr(graphs, "GraphedStep", lambda fn: real(lambda idx, pos: batches.add(len(idx)) or fn(idx, pos)))
     engine = Engine(model, tok, max_batch=3, compile=mode == "compile")
+    compiled_s = engine.forward_step.compile_s if mode == "compile" else 0.0
     waiting = list(rows)
     for step in range(200):
         if waiting and engine.free and step % 3 == 0:  # join every third step while a slot is free
@@ -270,6 +271,8 @@ def test_engine_rows_join_and_leave_as_if_alone(ckpt, attention, mode, one_threa
     assert [r.text for r in rows] == [tok.decode(a) for a in alone]
     assert all(r.finish_reason == "length" and r.generated == n for r, (_, n) in zip(rows, asks))
     assert batches == ({1, 2, 3} if mode in ("graphs", "cuda") else set())
+    if mode == "compile":  # compiled at startup for every batch size: no request waited for a recompile
+        assert engine.forward_step.compile_s == compiled_s > 0
 
 
 def test_engine_graphs_record_the_compiled_step_under_compile(ckpt, monkeypatch, one_thread):

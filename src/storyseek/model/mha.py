@@ -41,8 +41,9 @@ class KVCache:
         self.k = torch.zeros(n_layers, batch, max_len, n_head, qk_head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(n_layers, batch, max_len, n_head, v_head_dim, dtype=dtype, device=device)
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i], self.v[i]
+    def layer(self, i: int, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values of the first `rows` sequences (default: all)."""
+        return self.k[i, :rows], self.v[i, :rows]
 
     def narrow(self, row: int, n: int = 1) -> "KVCache":
         """A view of rows [row, row + n): writes through it land in this cache."""

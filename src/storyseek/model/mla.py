@@ -110,9 +110,10 @@ class LatentCache:
         view.latent = self.latent[:, row : row + n]
         return view
 
-    def layer(self, i: int) -> torch.Tensor:
-        """Layer i's latents [batch, max_len, d_c + d_r]: what its attention reads and writes."""
-        return self.latent[i]
+    def layer(self, i: int, rows: int | None = None) -> torch.Tensor:
+        """Layer i's latents [rows, max_len, d_c + d_r] of the first `rows` sequences (default: all):
+        what its attention reads and writes."""
+        return self.latent[i, :rows]
 
     def nbytes_per_token(self) -> int:
         """Bytes one sequence position occupies across all layers."""

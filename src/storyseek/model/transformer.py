@@ -10,10 +10,10 @@
 
 Serving many requests from one cache (continuous batching): every cache row is an independent
 sequence. A request joins by a fresh prefill of its slot, `model(prompt[None], cache=cache.narrow(slot),
-last_only=True)`; then one step decodes every slot at its own position, `model(tok[:, None],
-cache=cache, pos=pos[:, None], length=int(pos.max()) + 1)` (a free slot can be fed any token at
-position 0: it is rewritten when the next request prefills it); a finished request just leaves its
-slot. The caller knows the positions, so it passes `length` and the step never reads them back.
+last_only=True)`; then one step decodes the first B slots, each at its own position, `model(tok[:, None],
+cache=cache, pos=pos[:, None], length=int(pos.max()) + 1)` with tok and pos [B]: a cache with more rows
+than idx lends its first B to the step (the same tensor every step, so a compiled step sees one input
+whatever B is). The caller knows the positions, so it passes `length` and the step never reads them back.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class Transformer(nn.Module):
         x = self.dropout(emb)
         balance = []
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, cos, sin, self._layer_cache(cache, i), step)
+            x, aux = layer(x, cos, sin, self._layer_cache(cache, i, B), step)
             if aux is not None:
                 balance.append(aux)
         h = self.norm(x)
@@ -156,7 +156,7 @@ class Transformer(nn.Module):
         one row per sequence before paying for the vocab-sized head: generate/draft.py)."""
         cos, sin = self._rope(h_prev.shape[1], step.pos)
         h, _ = self.mtp[depth - 1](h_prev, self.embed(next_idx), cos, sin,
-                                   self._layer_cache(cache, self.cfg.n_layer + depth - 1), step)
+                                   self._layer_cache(cache, self.cfg.n_layer + depth - 1, h_prev.shape[0]), step)
         return h
 
     def _rope(self, S: int, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +168,8 @@ class Transformer(nn.Module):
         return self.rope_cos[:S].unsqueeze(0), self.rope_sin[:S].unsqueeze(0)
 
     @staticmethod
-    def _layer_cache(cache: LatentCache | KVCache | None, i: int):
-        return None if cache is None else cache.layer(i)
+    def _layer_cache(cache: LatentCache | KVCache | None, i: int, rows: int):
+        return None if cache is None else cache.layer(i, rows)
 
     # ------------------------------------------------------ MoE load balancing
     def moe_layers(self) -> list[MoE]:

@@ -1,7 +1,7 @@
 """Continuous batching on one latent cache: rows join and leave a running decode batch.
 
 The cache has `max_batch` slots. The active rows always occupy slots 0..B-1, so one decode step
-is one forward over `cache.narrow(0, B)`: no compute is spent on free slots.
+is one forward over the cache's first B slots: no compute is spent on free slots.
 
     join:   a new row is prefilled alone into slot B (positions 0..len-1, the expanded-attention
             prefill) and takes its first token from that prefill; the next step decodes it with the rest.
@@ -86,7 +86,7 @@ class Engine:
         self.graphed = None
         if graphs.use_graphs(cuda_graphs, self.device):
             self.graphed = graphs.GraphedStep(lambda idx, pos: self.forward_step(
-                idx, cache=self.cache.narrow(0, idx.shape[0]), pos=pos, length=self.block).logits[:, -1])
+                idx, cache=self.cache, pos=pos, length=self.block).logits[:, -1])
         self.rows: list[Row] = []  # rows[i] lives in cache slot i
         self._streams: dict[int, TextStream] = {}
         self._generators: dict[int, torch.Generator] = {}
@@ -94,14 +94,18 @@ class Engine:
             self._compile()
 
     def _compile(self) -> None:
-        """Compile before the first request: a step of one row and one of two (torch.compile
-        specializes a batch of 1), written at position 0 of slots a prefill will overwrite; with CUDA
-        graphs, in the graphs' shape (the whole cache attended)."""
+        """Compile before the first request, so that no request waits for a recompile: a step of
+        every batch size, written at position 0 of slots a prefill will overwrite (with CUDA graphs,
+        in the graphs' shape: the whole cache attended). torch.compile specializes sizes of 1 (a batch
+        of one; so the attended length here is 2) and inputs that alias (so idx and pos are two
+        tensors), and a batch size where the layout of a product changes (model/linear.py) compiles
+        once more; sizes in between reuse a graph. Every step passes the whole cache (the model takes
+        its first B rows): a view of the first B rows would be a new input layout when B reaches
+        max_batch, and recompile."""
         with torch.inference_mode():
-            for B in (1, 2)[: self.max_batch]:
-                zeros = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-                self.forward_step(zeros, cache=self.cache.narrow(0, B), pos=zeros,
-                                  length=self.block if self.graphed else 1)
+            for B in range(1, self.max_batch + 1):
+                idx, pos = (torch.zeros(B, 1, dtype=torch.long, device=self.device) for _ in range(2))
+                self.forward_step(idx, cache=self.cache, pos=pos, length=self.block if self.graphed else 2)
 
     @property
     def free(self) -> int:
@@ -147,14 +151,13 @@ class Engine:
             for i, row in enumerate(self.rows):
                 if len(row.tokens) > self.block:
                     self._slide(i, row)
-            B = len(self.rows)
             positions = [len(r.tokens) - 1 for r in self.rows]
-            idx = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)  # [B, 1]
+            idx = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)  # [B, 1]: slots 0..B-1
             pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # [B, 1]
             if self.graphed:
                 logits = self.graphed(idx, pos)  # [B, vocab]: the graph's output, valid until its next replay
             else:
-                logits = self.forward_step(idx, cache=self.cache.narrow(0, B), pos=pos,
+                logits = self.forward_step(idx, cache=self.cache, pos=pos,
                                            length=max(positions) + 1).logits[:, -1]  # [B, vocab]
             return self._advance(self.rows, logits)
 
