@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import importlib.util
 import json
@@ -165,11 +166,12 @@ def require_compiler(device: torch.device) -> None:
                              f"compiler (g++ or clang) or run without --compile")
 
 
+@functools.cache
 def compiler_error(device: torch.device) -> str | None:
     """Why torch.compile cannot build kernels on `device`, or None where it can. On a CPU inductor
     writes C++ and needs a working compiler (and OpenMP): a tiny function is compiled and run (about
-    2 s, most of it importing what the real compile needs anyway). Once per process: a second call
-    finds the function already compiled."""
+    2 s, most of it importing what the real compile needs anyway). Once per process and device: the
+    answer is kept (asked again under another grad mode, the function would compile again)."""
     if device.type != "cpu":
         return None
     try:
