@@ -18,9 +18,10 @@ class ServeConfig:
                          choices=("auto", "float32", "bfloat16"))
     threads: int | None = setting(None, "CPU threads torch may use (1 is fastest for tiny models on a busy machine)",
                                   default_text="torch's default, one per core")
-    compile: bool = setting(False, "compile the decode step with torch.compile at startup (the server was ready "
-                                   "after 14 s on a 2-core CPU with torch's compile cache warm, longer the first "
-                                   "time), then faster steps for every request")
+    compile: bool = setting(False, "compile the decode step with torch.compile at startup, for every batch size up "
+                                   "to --max-batch (8 s for the tiny preset at --max-batch 8 on a 2-core CPU with "
+                                   "torch's compile cache warm, longer the first time), then faster steps; on a small "
+                                   "CPU the HTTP work around them can take the gain (benchmarks/bench_serve.py --compile)")
     cuda_graphs: bool = setting(True, "on a CUDA GPU, replay the decode step as a CUDA graph, one recorded per "
                                       "batch size at its first step")
     max_batch: int = setting(16, "sequences decoded together; a request with n choices takes n")
