@@ -222,7 +222,7 @@ class _Decoder:
                 self.seen[r, torch.tensor(kept, device=self.device)] = True
             out.append(kept)
         self.stats.new_tokens += sum(len(k) for k in out)
-        if self.is_end is not None:
+        if self.is_end is not None and any(self.held_host[0]):  # once no row is held, none is again
             self._hold()
         return out
 
