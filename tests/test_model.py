@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from storyseek.model import CacheStep, ModelConfig, Transformer, get_preset, mla
 from storyseek.model.info import cache_bytes_per_token, count_parameters
+from storyseek.model.linear import set_weight_major_rows
 from storyseek.model.moe import MoE, moe_decode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,18 +170,20 @@ def test_vectorized_moe_equals_per_token_reference(score_func):
     assert (fast - slow).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("major_rows", [0, 8])
 @pytest.mark.parametrize("experts", [4, 9])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2), (4, 1), (3, 5)])
-def test_moe_decode_path_equals_per_token_reference(score_func, shape, fused, experts):
+def test_moe_decode_path_equals_per_token_reference(score_func, shape, fused, experts, major_rows):
     """Decode-step MoE: a few tokens run only their chosen experts, more weigh every expert by the
     gate matrix (with fused experts: all of them in two products); all are the same function as the
-    training dispatch."""
+    training dispatch, in either product layout (model/linear.py)."""
     model = small_model(score_func=score_func, route_scale=2.5, n_shared_experts=2, n_routed_experts=experts)
     moe = model.moe_layers()[0]
     if fused:
         moe.fuse_experts()
+    set_weight_major_rows(model, major_rows)
     x = torch.randn(*shape, 64)
     with torch.no_grad():
         fast = moe_decode(moe, x)
@@ -203,7 +206,8 @@ def test_fuse_experts_keeps_every_weight_and_one_copy():
         w1.fill_(0.5)
         moe.shared_experts.w2.weight.fill_(-0.25)
     H = w1.shape[0]
-    assert (moe.w13[0, H : 2 * H] == 0.5).all() and (moe.w2[:, -moe.shared_experts.w2.in_features :] == -0.25).all()
+    assert (moe.w13[H : 2 * H] == 0.5).all() and (moe.w2[:, -moe.shared_experts.w2.in_features :] == -0.25).all()
+    assert moe.w13.shape[0] == 2 * moe.w2.shape[1]  # every w1 row, then every w3 row
 
 
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
