@@ -126,6 +126,7 @@ def test_auto_rule_compares_tokens_per_second():
     assert "speculative" in decoder.stats.auto and "90%" in decoder.stats.auto
     assert not decoder._keep_speculative({**probe, "accepted": 4})  # 1.4 tokens per 1.5 s
     assert "chose plain" in decoder.stats.auto
+    assert not decoder._keep_speculative({**probe, "accepted": 6})  # 1.6 tokens per 1.5 s: 1.07x, a tie
 
 
 def test_auto_caches_its_choice_per_model_so_a_seed_reproduces(trained_model, monkeypatch, tmp_path):
