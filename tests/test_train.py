@@ -369,8 +369,11 @@ def test_train_cuda_graphs_step_on_every_micro_batch_gradient(data, tmp_path):
         trainer.log.close()
         grads[graphs] = seen
         assert counters["inductor"]["cudagraph_skips"] == 0
+    # A compiled backward may sum with atomic adds, in no fixed order, so two
+    # runs differ in the last bits of a few elements (an H100: 0.1% of them, by up to 9e-6); a lost
+    # micro-batch's gradient would be about half the norm.
     for plain, graphed in zip(grads[False], grads[True], strict=True):
-        torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-6)
+        assert (graphed - plain).norm() <= 1e-3 * plain.norm()
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
