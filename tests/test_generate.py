@@ -272,12 +272,17 @@ def test_stops_at_end_token_and_rows_stop_independently(trained_model):
 
 
 @pytest.mark.parametrize("min_tokens", [0, 1, 3])
-def test_min_tokens_holds_the_end_back_on_every_path(random_model, min_tokens):
+@pytest.mark.parametrize("begin", [None, 11])
+def test_min_tokens_holds_the_end_back_on_every_path(random_model, min_tokens, begin):
     """A model that always wants to end (token 9 pushed far above the rest): each row ends right
-    after min_tokens new tokens, none of them the end, on every path, greedy and sampled."""
+    after min_tokens new tokens, none of them the end, on every path, greedy and sampled. With a
+    begin token (story mode's <|story|>, its second choice) the row writes it first and min_tokens
+    count from there: a model that would end in the header still writes a story."""
     model = copy.deepcopy(random_model)
     push = torch.zeros(MICRO.vocab_size)
     push[9] = 100.0
+    if begin:
+        push[begin] = 50.0
     model.head.register_forward_hook(lambda module, args, out: out + push)
     paths = {"no-cache": dict(use_cache=False), "cache": dict(speculative=False), "speculative": dict(speculative=True),
              "auto": dict(speculative=None)}
@@ -287,8 +292,11 @@ def test_min_tokens_holds_the_end_back_on_every_path(random_model, min_tokens):
         for name, sampling in samplings.items():
             sampling = SamplingConfig(**{**vars(sampling), "min_tokens": min_tokens})
             cfg = GenerateConfig(max_tokens=8, sampling=sampling, seed=1, **kw)
-            rows = generate_ids(model, PROMPTS, cfg, vocab_size=120, stop_ids={9})
-            assert [len(r) for r in rows] == [min_tokens] * 3 and all(9 not in r for r in rows), (path, name, rows)
+            rows = generate_ids(model, PROMPTS, cfg, vocab_size=120, stop_ids={9}, begin_id=begin)
+            if begin:  # the marker, then min_tokens more (the model's next choice is the marker again)
+                assert rows == [[begin] * (min_tokens + 1) if min_tokens else []] * 3, (path, name, rows)
+            else:
+                assert [len(r) for r in rows] == [min_tokens] * 3 and all(9 not in r for r in rows), (path, name, rows)
 
 
 def test_decode_yields_step_by_step_and_slides_past_the_context(random_model):

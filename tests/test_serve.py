@@ -389,26 +389,29 @@ def test_queue_limit_answers_429(small):
 
 def test_engine_holds_the_end_back_until_min_tokens(ckpt, one_thread):
     """A model that always wants to end: a row asking for min_tokens 4 ends right after 4 tokens,
-    one asking for 0 ends at once, in one batch."""
+    one asking for 0 ends at once, in one batch; a story row (its second choice the <|story|> marker)
+    writes the marker first and then min_tokens more."""
     from storyseek.generate.config import SamplingConfig
     from storyseek.generate.load import load_model
     from storyseek.serve.engine import Engine, Row
 
     model, tok = load_model(ckpt, device="cpu", dtype="float32")
     push = torch.zeros(model.cfg.vocab_size)
-    push[tok.eot_id] = 100.0
+    story = tok.special_ids["<|story|>"]
+    push[tok.eot_id], push[story] = 100.0, 50.0
     model.head.register_forward_hook(lambda module, args, out: out + push)
-    engine = Engine(model, tok, max_batch=2)
+    engine = Engine(model, tok, max_batch=3)
     rows = [Row(prompt=tok.encode("A shy rabbit"), max_tokens=10, sampling=SamplingConfig(temperature=t, min_tokens=n),
-                stop_ids=frozenset({tok.eot_id}), raw=True) for t, n in ((0, 4), (1.0, 0))]
+                stop_ids=frozenset({tok.eot_id}), raw=b is None, begin_id=b)
+            for t, n, b in ((0, 4, None), (1.0, 0, None), (0, 2, story))]
     outs = [engine.add(row) for row in rows]
     while outs:
         for out in outs:
             if out.finish_reason:
                 engine.remove(out.row)
         outs = engine.step()
-    assert [r.generated for r in rows] == [4, 0] and [r.finish_reason for r in rows] == ["stop", "stop"]
-    assert tok.eot_id not in rows[0].tokens
+    assert [r.generated for r in rows] == [4, 0, 3] and [r.finish_reason for r in rows] == ["stop"] * 3
+    assert tok.eot_id not in rows[0].tokens and rows[2].tokens[-3:] == [story] * 3
 
 
 # --------------------------------------------------------------------- bad requests

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import StoryseekError
 from ..files import write_atomic
-from .template import END, PROMPT, SPECIAL_PATTERN, SPECIAL_TOKENS
+from .template import END, PROMPT, SPECIAL_PATTERN, SPECIAL_TOKENS, STORY
 
 TOKENIZER_FILE = "tokenizer.storyseek.json"  # our complete description (to_dict)
 HF_TOKENIZER_FILE = "tokenizer.json"  # the trained BPE in HF `tokenizers` format, for other tools
@@ -271,6 +271,13 @@ def stop_ids(tokenizer: Tokenizer, raw: bool) -> set[int]:
     that would begin a new one (`<|prompt|>`), as a model trained on the template may write it."""
     names = (END,) if raw else (END, PROMPT)
     return {tokenizer.special_ids[n] for n in names if n in tokenizer.special_ids}
+
+
+def begin_id(tokenizer: Tokenizer, raw: bool) -> int | None:
+    """Where a text's min_tokens start counting: in story mode the `<|story|>` marker that the model
+    writes after the rest of the header (before it, a row may not end: a header is no story); raw
+    text from its first new token (None)."""
+    return None if raw else tokenizer.special_ids.get(STORY)
 
 
 # ------------------------------------------------------------------ Hugging Face `tokenizers` JSON

@@ -24,7 +24,8 @@ class SamplingConfig:
     repetition_penalty: float = setting(1.0, "> 1 discourages repeating tokens already in the text; 1 = off")
     # transformers' min_new_tokens, vLLM's min_tokens: a barely trained model often ends at once
     min_tokens: int = setting(1, "new tokens a text has before it may end (before them the end token, and in story "
-                                 "mode <|prompt|>, are never chosen): 1 = never an empty story; 0 = off")
+                                 "mode <|prompt|>, are never chosen; in story mode they count from the <|story|> "
+                                 "marker, before which the text cannot end): 1 = never an empty story; 0 = off")
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:  # also rejects NaN

@@ -21,7 +21,9 @@ Speculative step (MTP depth 1, DeepSeek-V3 section 2.2 used as a draft model, "s
 Between steps the host holds each row's tokens (for stops, min_tokens, the budget and the sliding
 window); the device holds the next input token and its position. One read-back per step carries the
 new tokens. A row with fewer than min_tokens new tokens cannot choose a stop token (its logits are
--inf there), so a barely trained model that would end at once still writes a story.
+-inf there), so a barely trained model that would end at once still writes a story. In story mode
+they count from the `<|story|>` marker the model writes after the header (`begin_id`), and before
+it no row may end: a prompt the model merely completes ("...afraid of the dark" -> " woods.") is no story.
 On a CUDA GPU each step is replayed as a CUDA graph (generate/graphs.py): one launch, not a thousand.
 
 auto (speculative=None, the default for a model with MTP): the first steps are a few plain steps,
@@ -92,34 +94,38 @@ class DecodeStats:
 
 
 def decode(model: Transformer, prompts: list[list[int]], cfg: GenerateConfig, *, vocab_size: int | None = None,
-           stop_ids: Collection[int] = (), stats: DecodeStats | None = None) -> Iterator[list[list[int]]]:
+           stop_ids: Collection[int] = (), begin_id: int | None = None,
+           stats: DecodeStats | None = None) -> Iterator[list[list[int]]]:
     """Generate for every prompt (lists of ids, each non-empty) in one batch.
 
     Yields once per step a list with each row's newly confirmed tokens (possibly empty). A row ends
-    at a token of `stop_ids` (not yielded) or after cfg.max_tokens tokens. `vocab_size` is the tokenizer's:
-    ids >= it (the embedding's padding) are never sampled. The model must be in eval mode.
+    at a token of `stop_ids` (not yielded) or after cfg.max_tokens tokens; min_tokens count from its
+    first token of `begin_id` (story mode's `<|story|>`), and before it the row cannot end.
+    `vocab_size` is the tokenizer's: ids >= it (the embedding's padding) are never sampled. The model
+    must be in eval mode.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise StoryseekError("every prompt needs at least one token")
     stats = stats if stats is not None else DecodeStats()
     with torch.inference_mode():
-        yield from _Decoder(model, prompts, cfg, vocab_size or model.cfg.vocab_size, stop_ids, stats).run()
+        yield from _Decoder(model, prompts, cfg, vocab_size or model.cfg.vocab_size, stop_ids, begin_id, stats).run()
 
 
 def generate_ids(model: Transformer, prompts: list[list[int]], cfg: GenerateConfig, *, vocab_size: int | None = None,
-                 stop_ids: Collection[int] = (), stats: DecodeStats | None = None) -> list[list[int]]:
+                 stop_ids: Collection[int] = (), begin_id: int | None = None,
+                 stats: DecodeStats | None = None) -> list[list[int]]:
     """`decode` run to the end: the new tokens of each row."""
     out: list[list[int]] = [[] for _ in prompts]
-    for step in decode(model, prompts, cfg, vocab_size=vocab_size, stop_ids=stop_ids, stats=stats):
+    for step in decode(model, prompts, cfg, vocab_size=vocab_size, stop_ids=stop_ids, begin_id=begin_id, stats=stats):
         for row, new in zip(out, step):
             row.extend(new)
     return out
 
 
 class _Decoder:
-    def __init__(self, model, prompts, cfg: GenerateConfig, vocab_size, stop_ids, stats: DecodeStats):
+    def __init__(self, model, prompts, cfg: GenerateConfig, vocab_size, stop_ids, begin_id, stats: DecodeStats):
         self.model, self.cfg, self.sampling = model, cfg, cfg.sampling
-        self.V, self.stop_ids, self.stats = vocab_size, frozenset(stop_ids), stats
+        self.V, self.stop_ids, self.begin_id, self.stats = vocab_size, frozenset(stop_ids), begin_id, stats
         self.block = model.cfg.block_size
         self.speculative = cfg.use_speculative(model)
         self.device = model.embed.weight.device
@@ -156,6 +162,7 @@ class _Decoder:
         B = len(prompts)
         self.rows = torch.arange(B, device=self.device)
         self.generated = [0] * B
+        self.begun = [0 if begin_id is None else None] * B  # tokens since begin_id (None: not written yet)
         self.done = [False] * B
         self.seen = None
         if self.sampling.repetition_penalty != 1.0:
@@ -163,7 +170,8 @@ class _Decoder:
             for r, s in enumerate(self.seqs):
                 self.seen[r, torch.tensor(s, device=self.device).clamp_(max=self.V - 1)] = True
         # min_tokens: held[k, r] says row r may not end at this step's k-th new token (k = 1: a
-        # verify's bonus token). On the device, so a CUDA graph replays the current rows' state.
+        # verify's bonus token; a row yet to write begin_id holds both). On the device, so a CUDA
+        # graph replays the current rows' state.
         self.is_end = None
         ends = [t for t in self.stop_ids if t < self.V]
         if self.sampling.min_tokens and ends:
@@ -179,7 +187,8 @@ class _Decoder:
 
     def _hold(self) -> None:
         """Which rows may not end yet (min_tokens), at this step's first new token and the next."""
-        held = [[not d and g + k < self.sampling.min_tokens for g, d in zip(self.generated, self.done)] for k in (0, 1)]
+        held = [[not d and (g is None or g + k < self.sampling.min_tokens) for g, d in zip(self.begun, self.done)]
+                for k in (0, 1)]
         if held != self.held_host:
             self.held.copy_(torch.tensor(held))
             self.held_host = held
@@ -219,6 +228,9 @@ class _Decoder:
                     self.done[r] = True
                     break
             self.generated[r] += len(kept)
+            for t in kept:
+                g = self.begun[r]
+                self.begun[r] = g + 1 if g is not None else 0 if t == self.begin_id else None
             self.seqs[r].extend(kept)
             if self.seen is not None and kept:
                 self.seen[r, torch.tensor(kept, device=self.device)] = True

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..data.template import CHARACTER, MORAL, STORY, story_prompt
-from ..data.tokenizer import Tokenizer, stop_ids
+from ..data.tokenizer import Tokenizer, begin_id, stop_ids
 from ..device import require_compiler
 from ..errors import StoryseekError
 from ..memory import check_fits, generate_bytes
@@ -114,7 +114,7 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: GenerateC
     (ids,) = _prepare(model, tokenizer, [prompt], cfg)[:1]
     text = TextStream(tokenizer, cfg.raw)
     for step in decode(model, [ids], cfg, vocab_size=tokenizer.vocab_size,
-                       stop_ids=stop_ids(tokenizer, cfg.raw), stats=stats):
+                       stop_ids=stop_ids(tokenizer, cfg.raw), begin_id=begin_id(tokenizer, cfg.raw), stats=stats):
         if piece := text.push(step[0]):
             yield piece
     if piece := text.finish():
@@ -131,7 +131,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[str] | str,
     rows = _prepare(model, tokenizer, prompts, cfg)
     result = GenerateResult(texts=[], token_ids=[[] for _ in rows])
     for step in decode(model, rows, cfg, vocab_size=tokenizer.vocab_size,
-                       stop_ids=stop_ids(tokenizer, cfg.raw), stats=result.stats):
+                       stop_ids=stop_ids(tokenizer, cfg.raw), begin_id=begin_id(tokenizer, cfg.raw),
+                       stats=result.stats):
         for out, new in zip(result.token_ids, step):
             out.extend(new)
     result.texts = [render(tokenizer, ids, cfg.raw) for ids in result.token_ids]

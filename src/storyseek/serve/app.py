@@ -33,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from ..data.tokenizer import stop_ids
+from ..data.tokenizer import begin_id, stop_ids
 from ..errors import StoryseekError
 from ..generate.config import SamplingConfig
 from ..generate.text import encode_prompt
@@ -193,7 +193,7 @@ def create_app(cfg: ServeConfig, load: Callable[[], tuple] | None = None):
             for i in range(req.n):
                 rows.append(Row(prompt=ids, max_tokens=max_tokens, sampling=sampling, stop_ids=stops, raw=raw,
                                 seed=None if req.seed is None else req.seed + len(rows), stop=tuple(req.stop or ()),
-                                logit_bias=bias))
+                                logit_bias=bias, begin_id=begin_id(tok, raw)))
         return rows
 
     def submit(rows: list[Row]) -> tuple[Scheduler, Job]:

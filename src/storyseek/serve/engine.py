@@ -46,15 +46,18 @@ class Row:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
     logit_bias: dict[int, float] = field(default_factory=dict)
+    begin_id: int | None = None  # story rows: <|story|>, where min_tokens start counting (data.tokenizer.begin_id)
     # ----- decoding state
     tokens: list[int] = field(default_factory=list)  # the current window: prompt + new tokens
     generated: int = 0
+    begun: int | None = None  # new tokens since begin_id (None: not written yet)
     finish_reason: str | None = None  # "stop" | "length" once finished
     text_sent: int = 0  # characters of `text` already handed out
     text: str = ""
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
+        self.begun = 0 if self.begin_id is None else None
 
 
 @dataclass
@@ -184,6 +187,7 @@ class Engine:
                 new = [t]
                 row.tokens.append(t)
                 row.generated += 1
+                row.begun = row.begun + 1 if row.begun is not None else 0 if t == row.begin_id else None
                 if row.generated >= row.max_tokens:
                     row.finish_reason = "length"
             outs.append(Output(row, self._render(row, new), row.finish_reason))
@@ -192,12 +196,13 @@ class Engine:
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Greedy rows take the argmax together; rows that sample share one `probabilities` per
         setting (temperature, top-k, top-p) and draw one by one, each from its own generator.
-        Before a row has min_tokens new tokens, its stop tokens are out of the running."""
+        Before a row has min_tokens new tokens (a story row: after its <|story|>), its stop tokens are
+        out of the running."""
         for i, row in enumerate(rows):
             if row.logit_bias:
                 ids = torch.tensor(list(row.logit_bias), device=self.device)
                 logits[i, ids] += torch.tensor(list(row.logit_bias.values()), device=self.device)
-            if row.generated < row.sampling.min_tokens:  # it may not end yet
+            if row.sampling.min_tokens and (row.begun is None or row.begun < row.sampling.min_tokens):  # not yet
                 logits[i, [t for t in row.stop_ids if t < self.V]] = float("-inf")
         chosen = logits.argmax(-1).tolist()
         groups: dict[tuple, list[int]] = {}
