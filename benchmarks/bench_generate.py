@@ -228,6 +228,7 @@ def run_trained(minutes: float, repeats: int, new_tokens: int, hf: bool, bandwid
             configs["storyseek latent cache, --no-cuda-graphs"] = dict(speculative=False, cuda_graphs=False)
             configs["storyseek speculative, --no-cuda-graphs"] = dict(speculative=True, cuda_graphs=False)
         configs["storyseek latent cache, --compile"] = dict(speculative=False, compile=True)  # on CUDA: in the graphs
+        configs["storyseek cache + MTP speculative, --compile"] = dict(speculative=True, compile=True)
         configs["storyseek auto, --compile"] = dict(compile=True)
         # Compile once (the 1-token step, then the 2-token verify), timed apart (DecodeStats.compile_s).
         compile_s = sum(time_ours(model, 1, 8, prompt, speculative=spec, compile=True).compile_s for spec in (False, True))

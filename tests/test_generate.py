@@ -299,6 +299,24 @@ def test_min_tokens_holds_the_end_back_on_every_path(random_model, min_tokens, b
                 assert [len(r) for r in rows] == [min_tokens] * 3 and all(9 not in r for r in rows), (path, name, rows)
 
 
+@pytest.mark.slow
+def test_min_tokens_hold_in_compiled_steps(random_model):
+    """--compile: the hold is applied inside the compiled plain step and the whole compiled verify,
+    and released without recompiling (the story marker first, then min_tokens more, then the end)."""
+    model = copy.deepcopy(random_model)
+    push = torch.zeros(MICRO.vocab_size)
+    push[9], push[11] = 100.0, 50.0
+    model.head.register_forward_hook(lambda module, args, out: out + push)
+    for spec in (False, True):
+        cfg = GenerateConfig(max_tokens=8, sampling=SamplingConfig(temperature=0, min_tokens=3), speculative=spec,
+                             compile=True)
+        first, again = DecodeStats(), DecodeStats()
+        for stats in (first, again):
+            rows = generate_ids(model, PROMPTS, cfg, vocab_size=120, stop_ids={9}, begin_id=11, stats=stats)
+            assert rows == [[11] * 4] * 3, (spec, rows)
+        assert again.compile_s == 0
+
+
 def test_decode_yields_step_by_step_and_slides_past_the_context(random_model):
     prompt = list(range(1, 41))  # 40 of 48 positions used: generation runs far past the context
     for spec in (False, True):

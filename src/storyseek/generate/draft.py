@@ -61,12 +61,15 @@ def measure_int8_speedup(head: nn.Module, int8: nn.Module, rounds: int = 10) -> 
 class DraftHead:
     """h [..., D] (MTP depth 1's hidden state, before its norm) -> draft logits [..., vocab]."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, compiled: bool = False):
         self.norm, self.head = model.mtp[0].norm, model.head
         w = self.head.weight
         self.version = _version(w)
         self.int8, self.why = None, "exact draft head (not a CPU)"
         if w.device.type != "cpu":
+            return
+        if compiled:  # torch.compile cannot trace the quantized kernel: it would split the compiled step
+            self.why = "exact draft head (compiled)"
             return
         key = f"int8 draft head | {w.dtype} {tuple(w.shape)} | weight-major {self.head.weight_major_rows}"
         speedup = cached_probe(key)
@@ -87,12 +90,13 @@ class DraftHead:
         return self.head(x) if self.int8 is None else self.int8(x.float())
 
 
-def draft_head(model: Transformer) -> DraftHead:
-    """The model's draft head, made once and kept on the model (remade when the head's weights change:
-    a later training step, a cast, a move)."""
-    known = model.__dict__.get("_draft_head")
+def draft_head(model: Transformer, compiled: bool = False) -> DraftHead:
+    """The model's draft head (`compiled`: for steps under torch.compile, always exact), made once
+    and kept on the model (remade when the head's weights change: a later training step, a cast, a move)."""
+    name = "_draft_head_compiled" if compiled else "_draft_head"
+    known = model.__dict__.get(name)
     if known is None or known.version != _version(model.head.weight):
-        known = model.__dict__["_draft_head"] = DraftHead(model)
+        known = model.__dict__[name] = DraftHead(model, compiled)
     return known
 
 
