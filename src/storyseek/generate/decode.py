@@ -257,10 +257,10 @@ class _Decoder:
         return self._logits(self.model.head(out.hidden[self.rows[: last.numel()], last]))
 
     def _steps(self, cache: LatentCache):
-        """The decode steps on `cache` -> (forward, mtp, verify):
+        """The decode steps on `cache` -> (forward, verify):
         forward(idx [B, S], pos [B, S], length) -> (logits [B, S, V], hidden [B, S, D]);
-        mtp(hidden, next_idx [B, S], pos, length) -> MTP's h [B, S, D];
-        verify(tok, draft, q, pos, length) -> a speculative step's device work (_verify).
+        verify(tok, draft, q, pos, length) -> a speculative step's device work (_verify: the main
+        model on two positions, then MTP's step on them).
         On a GPU they are CUDA graphs per shape (generate/graphs.py) attending to the whole cache, and
         a greedy verify without a repetition penalty is a single graph, from the draft to the next
         draft's logits (it needs no random generator and no host read). Under --compile elsewhere
@@ -288,8 +288,8 @@ class _Decoder:
                 eager_forward, eager_mtp = on(self.model, self.model.mtp_hidden)  # traced into the one function
                 self.verify_step = CompiledStep(
                     lambda tok, draft, pos, length: self._verify(eager_forward, eager_mtp, tok, draft, None, pos, length))
-                return forward, mtp, lambda tok, draft, q, pos, length: self.verify_step(tok, draft, pos, length)
-            return forward, mtp, verify
+                return forward, lambda tok, draft, q, pos, length: self.verify_step(tok, draft, pos, length)
+            return forward, verify
 
         def whole_cache(fn):  # fn(*tensors, length) as a CUDA graph per shape, attending to all positions
             graph = graphs.GraphedStep(lambda *args: fn(*args, self.block))
@@ -298,8 +298,8 @@ class _Decoder:
         graphed_forward, graphed_mtp = whole_cache(forward), whole_cache(mtp)
         if whole:
             graphed_verify = whole_cache(lambda tok, draft, pos, length: verify(tok, draft, None, pos, length))
-            return graphed_forward, graphed_mtp, lambda tok, draft, q, pos, length: graphed_verify(tok, draft, pos, length)
-        return graphed_forward, graphed_mtp, lambda tok, draft, q, pos, length: self._verify(
+            return graphed_forward, lambda tok, draft, q, pos, length: graphed_verify(tok, draft, pos, length)
+        return graphed_forward, lambda tok, draft, q, pos, length: self._verify(
             graphed_forward, graphed_mtp, tok, draft, q, pos, length)
 
     def _verify(self, forward, mtp, tok, draft, q, pos, length):
@@ -393,7 +393,7 @@ class _Decoder:
     def _speculative(self) -> Iterator[list[list[int]]]:
         model, rows = self.model, self.rows
         cache = model.new_cache(len(self.seqs))
-        forward, mtp, verify = self._steps(cache)
+        forward, verify = self._steps(cache)
         idx, last = self._pad(self.seqs)
         out = model(idx, cache=cache, last_only=True)
         tok, _ = self._choose(self._last(out, last), self.seen)
@@ -424,11 +424,13 @@ class _Decoder:
                 probe["plain"].append(time.perf_counter() - started)
                 behind.append((hidden, tok[:, None], pos[:, None]))
                 if len(behind) == PROBE_STEPS:
-                    # MTP catches up on all of them in one step, untimed. A row that slid meanwhile
-                    # re-read its window (_draft_after_slide): its older entries sit at positions
-                    # past its new ones, which those never attend to.
+                    # MTP catches up on all of them in one step, untimed and eager (once per run: a
+                    # compiled or graphed step would compile or record this shape for it alone). A
+                    # row that slid meanwhile re-read its window (_draft_after_slide): its older
+                    # entries sit at positions past its new ones, which those never attend to.
                     h, nxt, at = (torch.cat(parts, dim=1) for parts in zip(*behind))
-                    draft_logits = self._logits(self.draft(mtp(h, nxt, at, length - 1)[:, -1]))
+                    h = self.model.mtp_hidden(h, nxt, cache, CacheStep.build(at, length - 1))
+                    draft_logits = self._logits(self.draft(h[:, -1]))
                 pos = (pos + 1).clamp_(max=self.block - 2)
                 yield self._accept(new)
                 continue
