@@ -56,6 +56,9 @@ from .sampling import draw, probabilities, speculative_accept
 
 
 PROBE_STEPS = 12  # auto: plain and speculative steps each timed before keeping the faster path
+# Compiled, a path's steps keep getting faster for 10-25 steps after it compiled (the demo's model on a
+# 2-core CPU: speculative 1.9 -> 1.2-1.3 ms by step 20, plain 1.5 -> 0.75 ms): twelve misjudged speculative
+COMPILED_PROBE_STEPS = 30
 SPECULATIVE_MARGIN = 1.05  # auto keeps speculative decoding only where it measured this much faster
 
 
@@ -404,10 +407,14 @@ class _Decoder:
         draft_logits = self._logits(self.draft(h))  # [B, V]: proposes the token after tok
         pos = last + 1  # [B]: where tok (t_{n-1}, unfed) goes
         yield self._accept([[t] for t in tok.tolist()])
-        # auto: time PROBE_STEPS plain steps, then PROBE_STEPS speculative ones, then keep the faster
-        # path. Each path's steps run back to back, as they will after the choice: a compiled plain
-        # step ran 1.5x slower on a CPU when MTP's step ran between two of them (caches refilled).
-        probe = {"plain": [], "speculative": [], "drafted": 0, "accepted": 0} if self.auto_key else None
+        # auto: time PROBE_STEPS plain steps, then PROBE_STEPS speculative ones (COMPILED_PROBE_STEPS
+        # compiled), then keep the faster path. Each path's steps run back to back, as they will after
+        # the choice: a compiled plain step ran 1.5x slower on a CPU when MTP's step ran between two of
+        # them (caches refilled).
+        probe = None
+        if self.auto_key:
+            probe = {"plain": [], "speculative": [], "drafted": 0, "accepted": 0,
+                     "steps": COMPILED_PROBE_STEPS if self.cfg.compile else PROBE_STEPS}
         behind = []  # (h [B, 1, D], the token after [B, 1], pos [B, 1]) of the plain steps MTP has not seen
         while True:
             for r in range(len(self.seqs)):
@@ -417,13 +424,13 @@ class _Decoder:
             length = max(min(len(s) + 1, self.block) for s in self.seqs)
             active = [not d for d in self.done]
             started = time.perf_counter()
-            if probe is not None and len(probe["plain"]) < PROBE_STEPS:
+            if probe is not None and len(probe["plain"]) < probe["steps"]:
                 logits, hidden = forward(tok[:, None], pos[:, None], length - 1)
                 tok, _ = self._choose(logits[:, -1], self.seen)
                 new = [[t] for t in tok.tolist()]
                 probe["plain"].append(time.perf_counter() - started)
                 behind.append((hidden, tok[:, None], pos[:, None]))
-                if len(behind) == PROBE_STEPS:
+                if len(behind) == probe["steps"]:
                     # MTP catches up on all of them in one step, untimed and eager (once per run: a
                     # compiled or graphed step would compile or record this shape for it alone). A
                     # row that slid meanwhile re-read its window (_draft_after_slide): its older
@@ -447,7 +454,7 @@ class _Decoder:
                 probe["drafted"] += sum(active)
                 probe["accepted"] += n_acc
             yield self._accept([[f, b] if a else [f] for a, f, b in zip(acc, first_l, bonus_l)])
-            if probe is not None and len(probe["speculative"]) == PROBE_STEPS:
+            if probe is not None and len(probe["speculative"]) == probe["steps"]:
                 if not self._keep_speculative(probe):
                     yield from self._plain_steps(cache, forward, tok, pos)
                     return
