@@ -270,7 +270,7 @@ class _Decoder:
         such a verify is one compiled function: compiled in pieces, the eager work between them and
         dynamo's guards on each piece (~0.2 ms a call on a 2-core CPU) made a speculative step of
         the demo's model cost ~2.1 compiled plain steps, whole ~1.7."""
-        def on(model_step, mtp_step):
+        def step_fns(model_step, mtp_step):
             def forward(idx, pos, length):
                 out = model_step(idx, cache=cache, pos=pos, length=length)
                 return self._logits(out.logits), out.hidden
@@ -280,7 +280,7 @@ class _Decoder:
 
             return forward, mtp
 
-        forward, mtp = on(self.forward_step, self.mtp_step)
+        forward, mtp = step_fns(self.forward_step, self.mtp_step)
 
         def verify(tok, draft, q, pos, length):
             return self._verify(forward, mtp, tok, draft, q, pos, length)
@@ -288,7 +288,7 @@ class _Decoder:
         whole = self.sampling.greedy and self.seen is None
         if not self.graphs:
             if self.cfg.compile and whole:
-                eager_forward, eager_mtp = on(self.model, self.model.mtp_hidden)  # traced into the one function
+                eager_forward, eager_mtp = step_fns(self.model, self.model.mtp_hidden)  # traced into the one function
                 self.verify_step = CompiledStep(
                     lambda tok, draft, pos, length: self._verify(eager_forward, eager_mtp, tok, draft, None, pos, length))
                 return forward, lambda tok, draft, q, pos, length: self.verify_step(tok, draft, pos, length)
