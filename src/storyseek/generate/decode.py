@@ -52,7 +52,7 @@ from ..model import CacheStep, LatentCache, Transformer
 from . import graphs
 from .config import GenerateConfig
 from .draft import draft_head
-from .sampling import draw, probabilities, speculative_accept
+from .sampling import draw, end_held, probabilities, since_begin, speculative_accept
 
 
 PROBE_STEPS = 12  # auto: plain and speculative steps each timed before keeping the faster path
@@ -192,7 +192,7 @@ class _Decoder:
 
     def _hold(self) -> None:
         """Which rows may not end yet (min_tokens), at this step's first new token and the next."""
-        held = [[not d and (g is None or g + k < self.sampling.min_tokens) for g, d in zip(self.begun, self.done)]
+        held = [[not d and end_held(g, self.sampling.min_tokens, k) for g, d in zip(self.begun, self.done)]
                 for k in (0, 1)]
         if held != self.held_host:
             self.held.copy_(torch.tensor(held))
@@ -234,8 +234,7 @@ class _Decoder:
                     break
             self.generated[r] += len(kept)
             for t in kept:
-                g = self.begun[r]
-                self.begun[r] = g + 1 if g is not None else 0 if t == self.begin_id else None
+                self.begun[r] = since_begin(self.begun[r], t, self.begin_id)
             self.seqs[r].extend(kept)
             if self.seen is not None and kept:
                 self.seen[r, torch.tensor(kept, device=self.device)] = True

@@ -13,6 +13,18 @@ import torch
 from .config import SamplingConfig
 
 
+def since_begin(begun: int | None, token: int, begin_id: int | None) -> int | None:
+    """A row's new tokens since begin_id (story mode's <|story|>; None: not written yet), after
+    `token`. A row starts at 0 without a begin_id, at None with one."""
+    return begun + 1 if begun is not None else 0 if token == begin_id else None
+
+
+def end_held(begun: int | None, min_tokens: int, k: int = 0) -> bool:
+    """Whether a row may not end at its k-th new token of this step: before its begin_id, or before
+    min_tokens tokens after it (min_tokens 0: never held)."""
+    return min_tokens > 0 and (begun is None or begun + k < min_tokens)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits [B, V], seen [B, V] bool (tokens already in the row): positive logits / penalty,
     negative ones * penalty, so a seen token always becomes less likely."""

@@ -29,7 +29,7 @@ from ..data.tokenizer import Tokenizer
 from ..device import CompiledStep, require_compiler
 from ..generate import graphs
 from ..generate.config import SamplingConfig
-from ..generate.sampling import draw, probabilities
+from ..generate.sampling import draw, end_held, probabilities, since_begin
 from ..generate.text import TextStream
 from ..model import Transformer
 
@@ -187,7 +187,7 @@ class Engine:
                 new = [t]
                 row.tokens.append(t)
                 row.generated += 1
-                row.begun = row.begun + 1 if row.begun is not None else 0 if t == row.begin_id else None
+                row.begun = since_begin(row.begun, t, row.begin_id)
                 if row.generated >= row.max_tokens:
                     row.finish_reason = "length"
             outs.append(Output(row, self._render(row, new), row.finish_reason))
@@ -202,7 +202,7 @@ class Engine:
             if row.logit_bias:
                 ids = torch.tensor(list(row.logit_bias), device=self.device)
                 logits[i, ids] += torch.tensor(list(row.logit_bias.values()), device=self.device)
-            if row.sampling.min_tokens and (row.begun is None or row.begun < row.sampling.min_tokens):  # not yet
+            if end_held(row.begun, row.sampling.min_tokens):
                 logits[i, [t for t in row.stop_ids if t < self.V]] = float("-inf")
         chosen = logits.argmax(-1).tolist()
         groups: dict[tuple, list[int]] = {}
