@@ -10,6 +10,7 @@ import torch
 from storyseek.generate import draft
 from storyseek.generate.draft import draft_head
 from storyseek.generate.decode import PROBE_STEPS, DecodeStats, GenerateConfig, _Decoder, decode, generate_ids
+from storyseek.generate.config import HEADER_TOKENS
 from storyseek.generate.sampling import SamplingConfig, draw, nucleus, probabilities, speculative_accept
 from storyseek.generate.text import summary
 from storyseek.model import Transformer, get_preset
@@ -297,6 +298,19 @@ def test_min_tokens_holds_the_end_back_on_every_path(random_model, min_tokens, b
                 assert rows == [[begin] * (min_tokens + 1) if min_tokens else []] * 3, (path, name, rows)
             else:
                 assert [len(r) for r in rows] == [min_tokens] * 3 and all(9 not in r for r in rows), (path, name, rows)
+
+
+def test_a_header_without_the_story_marker_is_held_only_so_long(random_model):
+    """A model that never writes the begin marker (one trained on plain text, run in story mode)
+    is held for HEADER_TOKENS tokens, then min_tokens more, then it may end again."""
+    model = copy.deepcopy(random_model)
+    push = torch.zeros(MICRO.vocab_size)
+    push[9] = 100.0
+    model.head.register_forward_hook(lambda module, args, out: out + push)
+    for spec in (False, True):
+        cfg = GenerateConfig(max_tokens=100, sampling=SamplingConfig(temperature=0, min_tokens=2), speculative=spec)
+        rows = generate_ids(model, [[3, 4, 5]], cfg, vocab_size=120, stop_ids={9}, begin_id=11)
+        assert len(rows[0]) == HEADER_TOKENS + 2 and 9 not in rows[0] and 11 not in rows[0], (spec, rows)
 
 
 @pytest.mark.slow

@@ -11,6 +11,12 @@ from ..errors import StoryseekError
 from ..settings import setting
 
 
+# Story mode: the model writes the rest of the header (a character line) before <|story|>. One that
+# writes this many tokens without it is not following the template (a model trained on plain text):
+# its text counts as begun, so it may end again (generate/sampling.py).
+HEADER_TOKENS = 64
+
+
 @dataclass
 class SamplingConfig:
     """Processing order follows transformers' / llama2.c's: the end held back before min_tokens,
@@ -25,7 +31,8 @@ class SamplingConfig:
     # transformers' min_new_tokens, vLLM's min_tokens: a barely trained model often ends at once
     min_tokens: int = setting(1, "new tokens a text has before it may end (before them the end token, and in story "
                                  "mode <|prompt|>, are never chosen; in story mode they count from the <|story|> "
-                                 "marker, before which the text cannot end): 1 = never an empty story; 0 = off")
+                                 f"marker, before which (for up to {HEADER_TOKENS} header tokens) the text cannot end): "
+                                 "1 = never an empty story; 0 = off")
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:  # also rejects NaN

@@ -23,7 +23,8 @@ window); the device holds the next input token and its position. One read-back p
 new tokens. A row with fewer than min_tokens new tokens cannot choose a stop token (its logits are
 -inf there), so a barely trained model that would end at once still writes a story. In story mode
 they count from the `<|story|>` marker the model writes after the header (`begin_id`), and before
-it no row may end: a prompt the model merely completes ("...afraid of the dark" -> " woods.") is no story.
+it no row may end: a prompt the model merely completes ("...afraid of the dark" -> " woods.") is no
+story (a header without the marker ends after config.HEADER_TOKENS: that model ignores the template).
 On a CUDA GPU each step is replayed as a CUDA graph (generate/graphs.py): one launch, not a thousand.
 
 auto (speculative=None, the default for a model with MTP): the first steps are a few plain steps,
@@ -52,7 +53,7 @@ from ..model import CacheStep, LatentCache, Transformer
 from . import graphs
 from .config import GenerateConfig
 from .draft import draft_head
-from .sampling import draw, end_held, probabilities, since_begin, speculative_accept
+from .sampling import draw, end_held, probabilities, since_begin, speculative_accept, story_start
 
 
 PROBE_STEPS = 12  # auto: plain and speculative steps each timed before keeping the faster path
@@ -103,7 +104,8 @@ def decode(model: Transformer, prompts: list[list[int]], cfg: GenerateConfig, *,
 
     Yields once per step a list with each row's newly confirmed tokens (possibly empty). A row ends
     at a token of `stop_ids` (not yielded) or after cfg.max_tokens tokens; min_tokens count from its
-    first token of `begin_id` (story mode's `<|story|>`), and before it the row cannot end.
+    first token of `begin_id` (story mode's `<|story|>`), and before it (up to HEADER_TOKENS) the row
+    cannot end.
     `vocab_size` is the tokenizer's: ids >= it (the embedding's padding) are never sampled. The model
     must be in eval mode.
     """
@@ -167,7 +169,7 @@ class _Decoder:
         B = len(prompts)
         self.rows = torch.arange(B, device=self.device)
         self.generated = [0] * B
-        self.begun = [0 if begin_id is None else None] * B  # tokens since begin_id (None: not written yet)
+        self.begun = [story_start(begin_id)] * B  # tokens since the story began (negative: header)
         self.done = [False] * B
         self.seen = None
         if self.sampling.repetition_penalty != 1.0:

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import torch
 
-from .config import SamplingConfig
+from .config import HEADER_TOKENS, SamplingConfig
 
 
-def since_begin(begun: int | None, token: int, begin_id: int | None) -> int | None:
-    """A row's new tokens since begin_id (story mode's <|story|>; None: not written yet), after
-    `token`. A row starts at 0 without a begin_id, at None with one."""
-    return begun + 1 if begun is not None else 0 if token == begin_id else None
+def story_start(begin_id: int | None) -> int:
+    """A row's count before its first new token: 0 without a begin_id, else -HEADER_TOKENS (a header
+    to write: the count reaches 0 at begin_id, or after HEADER_TOKENS tokens without it)."""
+    return 0 if begin_id is None else -HEADER_TOKENS
 
 
-def end_held(begun: int | None, min_tokens: int, k: int = 0) -> bool:
-    """Whether a row may not end at its k-th new token of this step: before its begin_id, or before
-    min_tokens tokens after it (min_tokens 0: never held)."""
-    return min_tokens > 0 and (begun is None or begun + k < min_tokens)
+def since_begin(count: int, token: int, begin_id: int | None) -> int:
+    """The count after `token`: new tokens since the story began (negative: still in the header)."""
+    return 0 if count < 0 and token == begin_id else count + 1
+
+
+def end_held(count: int, min_tokens: int, k: int = 0) -> bool:
+    """Whether a row may not end at its k-th new token of this step: in the header, or before
+    min_tokens tokens of story (min_tokens 0: never held)."""
+    return min_tokens > 0 and count + k < min_tokens
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ..data.tokenizer import Tokenizer
 from ..device import CompiledStep, require_compiler
 from ..generate import graphs
 from ..generate.config import SamplingConfig
-from ..generate.sampling import draw, end_held, probabilities, since_begin
+from ..generate.sampling import draw, end_held, probabilities, since_begin, story_start
 from ..generate.text import TextStream
 from ..model import Transformer
 
@@ -50,14 +50,14 @@ class Row:
     # ----- decoding state
     tokens: list[int] = field(default_factory=list)  # the current window: prompt + new tokens
     generated: int = 0
-    begun: int | None = None  # new tokens since begin_id (None: not written yet)
+    begun: int = 0  # new tokens since the story began (negative: still in the header; sampling.since_begin)
     finish_reason: str | None = None  # "stop" | "length" once finished
     text_sent: int = 0  # characters of `text` already handed out
     text: str = ""
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
-        self.begun = 0 if self.begin_id is None else None
+        self.begun = story_start(self.begin_id)
 
 
 @dataclass
