@@ -9,8 +9,8 @@ import torch
 
 from storyseek.generate import draft
 from storyseek.generate.draft import draft_head
-from storyseek.generate.decode import PROBE_STEPS, DecodeStats, GenerateConfig, _Decoder, decode, generate_ids
 from storyseek.generate.config import HEADER_TOKENS
+from storyseek.generate.decode import PROBE_STEPS, DecodeStats, GenerateConfig, _Decoder, decode, generate_ids
 from storyseek.generate.sampling import SamplingConfig, draw, nucleus, probabilities, speculative_accept
 from storyseek.generate.text import summary
 from storyseek.model import Transformer, get_preset

@@ -275,8 +275,8 @@ def stop_ids(tokenizer: Tokenizer, raw: bool) -> set[int]:
 
 def begin_id(tokenizer: Tokenizer, raw: bool) -> int | None:
     """Where a text's min_tokens start counting: in story mode the `<|story|>` marker that the model
-    writes after the rest of the header (before it, a row may not end: a header is no story); raw
-    text from its first new token (None)."""
+    writes after the rest of the header (before it, up to config.HEADER_TOKENS, a row may not end: a
+    header is no story); raw text from its first new token (None)."""
     return None if raw else tokenizer.special_ids.get(STORY)
 
 

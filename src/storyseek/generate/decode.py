@@ -169,7 +169,7 @@ class _Decoder:
         B = len(prompts)
         self.rows = torch.arange(B, device=self.device)
         self.generated = [0] * B
-        self.begun = [story_start(begin_id)] * B  # tokens since the story began (negative: header)
+        self.story_tokens = [story_start(begin_id)] * B  # tokens since the story began (negative: header)
         self.done = [False] * B
         self.seen = None
         if self.sampling.repetition_penalty != 1.0:
@@ -194,7 +194,7 @@ class _Decoder:
 
     def _hold(self) -> None:
         """Which rows may not end yet (min_tokens), at this step's first new token and the next."""
-        held = [[not d and end_held(g, self.sampling.min_tokens, k) for g, d in zip(self.begun, self.done)]
+        held = [[not d and end_held(g, self.sampling.min_tokens, k) for g, d in zip(self.story_tokens, self.done)]
                 for k in (0, 1)]
         if held != self.held_host:
             self.held.copy_(torch.tensor(held))
@@ -236,7 +236,7 @@ class _Decoder:
                     break
             self.generated[r] += len(kept)
             for t in kept:
-                self.begun[r] = since_begin(self.begun[r], t, self.begin_id)
+                self.story_tokens[r] = since_begin(self.story_tokens[r], t, self.begin_id)
             self.seqs[r].extend(kept)
             if self.seen is not None and kept:
                 self.seen[r, torch.tensor(kept, device=self.device)] = True

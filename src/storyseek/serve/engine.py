@@ -50,14 +50,14 @@ class Row:
     # ----- decoding state
     tokens: list[int] = field(default_factory=list)  # the current window: prompt + new tokens
     generated: int = 0
-    begun: int = 0  # new tokens since the story began (negative: still in the header; sampling.since_begin)
+    story_tokens: int = field(init=False)  # new tokens since the story began (negative: in the header)
     finish_reason: str | None = None  # "stop" | "length" once finished
     text_sent: int = 0  # characters of `text` already handed out
     text: str = ""
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
-        self.begun = story_start(self.begin_id)
+        self.story_tokens = story_start(self.begin_id)
 
 
 @dataclass
@@ -187,7 +187,7 @@ class Engine:
                 new = [t]
                 row.tokens.append(t)
                 row.generated += 1
-                row.begun = since_begin(row.begun, t, row.begin_id)
+                row.story_tokens = since_begin(row.story_tokens, t, row.begin_id)
                 if row.generated >= row.max_tokens:
                     row.finish_reason = "length"
             outs.append(Output(row, self._render(row, new), row.finish_reason))
@@ -202,7 +202,7 @@ class Engine:
             if row.logit_bias:
                 ids = torch.tensor(list(row.logit_bias), device=self.device)
                 logits[i, ids] += torch.tensor(list(row.logit_bias.values()), device=self.device)
-            if end_held(row.begun, row.sampling.min_tokens):
+            if end_held(row.story_tokens, row.sampling.min_tokens):
                 logits[i, [t for t in row.stop_ids if t < self.V]] = float("-inf")
         chosen = logits.argmax(-1).tolist()
         groups: dict[tuple, list[int]] = {}
