@@ -26,6 +26,9 @@ import torch.nn.functional as F
 IGNORE = -1
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 128 MB of fp32, 667 rows of a 50,304 vocabulary
 SCORE_ROWS = 4096  # positions per head product when scoring: at most 4096 x vocab logits at once
+# torch.compile traces a nested region once and calls it again; torch < 2.8 has none and unrolls the
+# chunk loop instead (the same graph, slower to compile)
+_nested_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)
 
 
 def token_nats(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -58,7 +61,7 @@ def _log_probs(h_c: torch.Tensor, weight: torch.Tensor, t_c: torch.Tensor, v_c: 
     return logp, (logp.gather(1, t_c).squeeze(1) * v_c).sum()
 
 
-@torch.compiler.nested_compile_region
+@_nested_region
 def _compiled_chunk(h_c, weight, t_c, v_c, s_c, dw):
     """One chunk of the loop below as torch.compile sees it: (the chunk's sum of target log-probs,
     dh_c [C, D], dW + dz^T (h_c s_c) [V, D] fp32).
