@@ -95,6 +95,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.size(0), chunk):
             h_c, t_c, v_c, s_c = h[s : s + chunk], safe[s : s + chunk], valid[s : s + chunk], scale[s : s + chunk]
             if want_grad and torch.compiler.is_compiling():
+                # copies, not views: torch 2.11 reused a region only for inputs at equal storage
+                # offsets (each [C, D] copy is small beside the chunk's [C, V])
+                h_c, t_c, v_c, s_c = h_c.clone(), t_c.clone(), v_c.clone(), s_c.clone()
                 logl, dh[s : s + chunk], dw = _compiled_chunk(h_c, weight, t_c, v_c, s_c, dw)
                 loss -= logl
                 continue
