@@ -72,7 +72,7 @@ def generate_bytes(cfg: ModelConfig, batch: int, dtype_bytes: int) -> Estimate:
     """Peak bytes of generating `batch` rows: weights, the latent cache, the widest prefill layer."""
     # per position and layer, MLA caches c_KV and k_R; standard attention every head's key and value
     width = cfg.n_head * (cfg.qk_head_dim + cfg.v_head_dim) if cfg.attention == "mha" else cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    cache = (cfg.n_layer + cfg.mtp_depth) * batch * cfg.block_size * width
+    cache = cfg.n_layer * batch * cfg.block_size * width  # MTP drafts need none
     expanded = batch * cfg.block_size * (cfg.n_head * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim) + 4 * cfg.n_embd)
     return Estimate({
         "weights": float(count_parameters(cfg)["total"] * dtype_bytes),

@@ -8,14 +8,14 @@ positions 0..n-2 and the last token t_{n-1} is not fed yet.
 
 Plain step:        feed t_{n-1} at n-1 -> p(t_n) -> sample t_n.
 Speculative step (MTP depth 1, DeepSeek-V3 section 2.2 used as a draft model, "self-speculative"):
-  the MTP module has already seen positions 0..n-2 (hidden h_i of the main model + token t_{i+1})
-  and proposed a draft d ~ q for t_n. One main forward on [t_{n-1}, d] at [n-1, n] gives p(t_n)
-  and p(t_{n+1} | d). Accept d with probability min(1, p(d)/q(d)) (greedy: iff d = argmax p);
-  if accepted also take a bonus token from p(t_{n+1} | d), else resample t_n from norm(max(0, p - q)).
-  In the same step, without a host round-trip, MTP runs on both positions, (h_{n-1}, t_n) and
-  (h_n, t_{n+1}), and the head drafts from the last confirmed one only (an int8 copy of the head
-  where that measures faster: a draft needs no exact logits, generate/draft.py). A rejected draft's
-  latents at position n (main and MTP) are simply overwritten by the next write (the cache is
+  MTP has proposed a draft d ~ q for t_n from (h_{n-2}, t_{n-1}). One main forward on [t_{n-1}, d]
+  at [n-1, n] gives p(t_n) and p(t_{n+1} | d). Accept d with probability min(1, p(d)/q(d)) (greedy:
+  iff d = argmax p); if accepted also take a bonus token from p(t_{n+1} | d), else resample t_n from
+  norm(max(0, p - q)). In the same step, without a host round-trip, MTP drafts the next token from
+  the last confirmed position: (h_n, t_{n+1}) if accepted, else (h_{n-1}, t_n). Drafts run MTP
+  without its block's attention, so they need no cache (model/mtp.py says why that pays), and the
+  head in an int8 copy where that measures faster (a draft needs no exact logits, generate/draft.py).
+  A rejected draft's latents at position n are simply overwritten by the next write (the cache is
   indexed by position), so rollback costs nothing.
 
 Between steps the host holds each row's tokens (for stops, min_tokens, the budget and the sliding
@@ -49,7 +49,7 @@ import torch
 
 from ..device import CompiledStep, cached_probe, require_compiler, store_probe
 from ..errors import StoryseekError
-from ..model import CacheStep, LatentCache, Transformer
+from ..model import LatentCache, Transformer
 from . import graphs
 from .config import GenerateConfig
 from .draft import draft_head
@@ -67,12 +67,13 @@ def _auto_key(model: Transformer, batch: int, greedy: bool, step: str) -> str:
     """What auto's cached choice depends on: the model (its shape, dtype, device and a digest of its
     MTP weights, which set the acceptance: the first rows identify a checkpoint and cost nothing to
     hash), the batch, greedy vs sampled decoding, and how a step runs (`step`: eager, compiled, in
-    CUDA graphs: on a CPU the two paths' costs differ compiled and eager)."""
+    CUDA graphs: on a CPU the two paths' costs differ compiled and eager). "attention-free drafts":
+    choices measured while drafts still ran MTP's attention stay unused."""
     w = model.mtp[0].eh_proj.weight.detach()
     digest = hashlib.sha1(w[:16].float().cpu().numpy().tobytes()).hexdigest()[:12]
     c = model.cfg
     return (f"speculative | {c.n_layer}x{c.n_embd} vocab {c.vocab_size} {w.dtype} {w.device.type} | mtp {digest} | "
-            f"batch {batch} | {'greedy' if greedy else 'sampled'} | {step}")
+            f"batch {batch} | {'greedy' if greedy else 'sampled'} | {step} | attention-free drafts")
 
 
 @dataclass
@@ -148,11 +149,11 @@ class _Decoder:
                 stats.auto = f"auto chose {'speculative' if known else 'plain'} decoding (measured for this model before, cached)"
         if cfg.compile:
             require_compiler(self.device)
-        # Decode steps (one token per row, or a 2-token verify, and MTP's step after it) compiled
+        # Decode steps (one token per row, or a 2-token verify, and MTP's draft after it) compiled
         # under --compile (device.CompiledStep). Prefills stay eager (one per prompt). Compiled code
         # is cached per process, keyed on this model.
         self.forward_step = CompiledStep(model) if cfg.compile else model
-        self.mtp_step = CompiledStep(model.mtp_hidden) if cfg.compile else model.mtp_hidden
+        self.mtp_step = CompiledStep(model.mtp_draft) if cfg.compile else model.mtp_draft
         self.verify_step = None  # --compile, greedy: the whole verify compiled (_steps)
         self.draft = draft_head(model, cfg.compile) if self.speculative else None  # MTP's head: int8 where faster
         stats.draft = self.draft.why if self.draft else ""
@@ -264,24 +265,21 @@ class _Decoder:
         """The decode steps on `cache` -> (forward, verify):
         forward(idx [B, S], pos [B, S], length) -> (logits [B, S, V], hidden [B, S, D]);
         verify(tok, draft, q, pos, length) -> a speculative step's device work (_verify: the main
-        model on two positions, then MTP's step on them).
+        model on two positions, then MTP's draft from the last confirmed one).
         On a GPU they are CUDA graphs per shape (generate/graphs.py) attending to the whole cache, and
         a greedy verify without a repetition penalty is a single graph, from the draft to the next
         draft's logits (it needs no random generator and no host read). Under --compile elsewhere
         such a verify is one compiled function: compiled in pieces, the eager work between them and
         dynamo's guards on each piece (~0.2 ms a call on a 2-core CPU) made a speculative step of
         the demo's model cost ~2.1 compiled plain steps, whole ~1.7."""
-        def step_fns(model_step, mtp_step):
+        def forward_fn(model_step):
             def forward(idx, pos, length):
                 out = model_step(idx, cache=cache, pos=pos, length=length)
                 return self._logits(out.logits), out.hidden
 
-            def mtp(hidden, nxt, pos, length):
-                return mtp_step(hidden, nxt, cache, CacheStep.build(pos, length))
+            return forward
 
-            return forward, mtp
-
-        forward, mtp = step_fns(self.forward_step, self.mtp_step)
+        forward, mtp = forward_fn(self.forward_step), self.mtp_step
 
         def verify(tok, draft, q, pos, length):
             return self._verify(forward, mtp, tok, draft, q, pos, length)
@@ -289,9 +287,9 @@ class _Decoder:
         whole = self.sampling.greedy and self.seen is None
         if not self.graphs:
             if self.cfg.compile and whole:
-                eager_forward, eager_mtp = step_fns(self.model, self.model.mtp_hidden)  # traced into the one function
-                self.verify_step = CompiledStep(
-                    lambda tok, draft, pos, length: self._verify(eager_forward, eager_mtp, tok, draft, None, pos, length))
+                eager_forward = forward_fn(self.model)  # traced into the one function, as mtp_draft
+                self.verify_step = CompiledStep(lambda tok, draft, pos, length: self._verify(
+                    eager_forward, self.model.mtp_draft, tok, draft, None, pos, length))
                 return forward, lambda tok, draft, q, pos, length: self.verify_step(tok, draft, pos, length)
             return forward, verify
 
@@ -299,7 +297,7 @@ class _Decoder:
             graph = graphs.GraphedStep(lambda *args: fn(*args, self.block))
             return lambda *args: graph(*args[:-1])  # the caller's attended length is not needed
 
-        graphed_forward, graphed_mtp = whole_cache(forward), whole_cache(mtp)
+        graphed_forward, graphed_mtp = whole_cache(forward), graphs.GraphedStep(mtp)
         if whole:
             graphed_verify = whole_cache(lambda tok, draft, pos, length: verify(tok, draft, None, pos, length))
             return graphed_forward, lambda tok, draft, q, pos, length: graphed_verify(tok, draft, pos, length)
@@ -324,11 +322,10 @@ class _Decoder:
             p = probabilities(self._ends_held(logits[:, 0]), self.sampling, seen)
             accepted, first = speculative_accept(p, q, draft, self.gen)
         bonus, _ = self._choose(logits[:, 1], seen2, k=1)
-        # MTP on both positions, (h_{n-1}, t_n) and (h_n, t_{n+1}), in the same step: the next
-        # draft comes from the last confirmed one, position n if accepted, else n-1. A rejected
-        # row's MTP latent at n (from a wrong h_n) is rewritten by its next step, as the main one.
-        h = mtp(hidden, torch.stack([first, bonus], dim=1), pos2, length)  # [B, 2, D]
-        return accepted, first, bonus, self._logits(self.draft(h[self.rows, accepted.long()]))
+        # The next draft comes from the last confirmed position: n (h_n, t_{n+1}) if accepted, else
+        # n-1 (h_{n-1}, t_n).
+        h = mtp(hidden[self.rows, accepted.long()], torch.where(accepted, bonus, first))  # [B, D]
+        return accepted, first, bonus, self._logits(self.draft(h))
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> Iterator[list[list[int]]]:
@@ -379,20 +376,19 @@ class _Decoder:
             pos = (pos + 1).clamp_(max=self.block - 1)  # finished rows run on harmlessly, in range
             yield self._accept([[t] for t in tok.tolist()])
 
-    def _slide(self, cache: LatentCache, r: int) -> tuple:
+    def _slide(self, cache: LatentCache, r: int) -> torch.Tensor:
         """Row r outgrew the context: keep its last 3/4 block, re-prefill it at positions 0.. in the
-        row's own cache slice (its last token stays unfed, as the loop expects). Returns what MTP
-        needs to catch up: (the row's cache view, hidden [1, S, D], next tokens [1, S])."""
+        row's own cache slice (its last token stays unfed, as the loop expects). Returns the hidden
+        state at the last fed position [1, D], from which speculative decoding drafts anew."""
         keep = self.block - self.block // 4
         self.seqs[r] = self.seqs[r][-keep:]
-        view = cache.narrow(r)
-        hidden = self.model(torch.tensor([self.seqs[r][:-1]], device=self.device), cache=view, last_only=True).hidden
-        return view, hidden, torch.tensor([self.seqs[r][1:]], device=self.device)
+        fed = torch.tensor([self.seqs[r][:-1]], device=self.device)
+        return self.model(fed, cache=cache.narrow(r), last_only=True).hidden[:, -1]
 
-    def _draft_after_slide(self, cache: LatentCache, r: int) -> torch.Tensor:
-        """_slide for speculative decoding: the MTP module re-reads the window too -> draft logits [V]."""
-        view, hidden, nxt = self._slide(cache, r)
-        return self._logits(self.draft(self.model.mtp_hidden(hidden, nxt, view, CacheStep())[:, -1])[0])
+    def _draft_logits(self, h: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        """Eager MTP draft: h [B, D] the hidden at each row's last fed position, nxt [B] the token
+        after it -> logits [B, V] proposing the token after that."""
+        return self._logits(self.draft(self.model.mtp_draft(h, nxt)))
 
     def _speculative(self) -> Iterator[list[list[int]]]:
         model, rows = self.model, self.rows
@@ -401,11 +397,7 @@ class _Decoder:
         idx, last = self._pad(self.seqs)
         out = model(idx, cache=cache, last_only=True)
         tok, _ = self._choose(self._last(out, last), self.seen)
-        # MTP sees every prompt position i with (h_i, t_{i+1}); the last one's next token is `tok`.
-        nxt = idx.roll(-1, dims=1)
-        nxt[rows, last] = tok
-        h = model.mtp_hidden(out.hidden, nxt, cache, CacheStep())[rows, last]  # [B, D]
-        draft_logits = self._logits(self.draft(h))  # [B, V]: proposes the token after tok
+        draft_logits = self._draft_logits(out.hidden[rows, last], tok)  # [B, V]: proposes the token after tok
         pos = last + 1  # [B]: where tok (t_{n-1}, unfed) goes
         yield self._accept([[t] for t in tok.tolist()])
         # auto: time PROBE_STEPS plain steps, then PROBE_STEPS speculative ones (COMPILED_PROBE_STEPS
@@ -416,11 +408,10 @@ class _Decoder:
         if self.auto_key:
             probe = {"plain": [], "speculative": [], "drafted": 0, "accepted": 0,
                      "steps": COMPILED_PROBE_STEPS if self.cfg.compile else PROBE_STEPS}
-        behind = []  # (h [B, 1, D], the token after [B, 1], pos [B, 1]) of the plain steps MTP has not seen
         while True:
             for r in range(len(self.seqs)):
                 if not self.done[r] and len(self.seqs[r]) + 1 > self.block:  # a verify writes at n-1 and n
-                    draft_logits[r] = self._draft_after_slide(cache, r)
+                    draft_logits[r] = self._draft_logits(self._slide(cache, r), tok[r : r + 1])[0]
                     pos[r] = len(self.seqs[r]) - 1
             length = max(min(len(s) + 1, self.block) for s in self.seqs)
             active = [not d for d in self.done]
@@ -430,15 +421,8 @@ class _Decoder:
                 tok, _ = self._choose(logits[:, -1], self.seen)
                 new = [[t] for t in tok.tolist()]
                 probe["plain"].append(time.perf_counter() - started)
-                behind.append((hidden, tok[:, None], pos[:, None]))
-                if len(behind) == probe["steps"]:
-                    # MTP catches up on all of them in one step, untimed and eager (once per run: a
-                    # compiled or graphed step would compile or record this shape for it alone). A
-                    # row that slid meanwhile re-read its window (_draft_after_slide): its older
-                    # entries sit at positions past its new ones, which those never attend to.
-                    h, nxt, at = (torch.cat(parts, dim=1) for parts in zip(*behind))
-                    h = self.model.mtp_hidden(h, nxt, cache, CacheStep.build(at, length - 1))
-                    draft_logits = self._logits(self.draft(h[:, -1]))
+                if len(probe["plain"]) == probe["steps"]:  # untimed, eager (once per run)
+                    draft_logits = self._draft_logits(hidden[:, -1], tok)
                 pos = (pos + 1).clamp_(max=self.block - 2)
                 yield self._accept(new)
                 continue

@@ -26,9 +26,13 @@ class Block(nn.Module):
         """x: [B, S, D] -> (x [B, S, D], this block's balance loss or None). `cache`: this layer's
         part of the cache (`cache.layer(i)`) and `step` where x's tokens sit in it (see MLA.forward)."""
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, step))
-        if cache is not None and isinstance(self.ffn, MoE) and x.shape[0] * x.shape[1] <= DECODE_MAX_TOKENS:
-            h = moe_decode(self.ffn, self.ffn_norm(x))
-        else:
-            h = self.ffn(self.ffn_norm(x))
-        h, aux = h if isinstance(h, tuple) else (h, None)
+        h, aux = self.feed_forward(x, decoding=cache is not None)
         return x + self.dropout(h), aux
+
+    def feed_forward(self, x: torch.Tensor, decoding: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, S, D] -> (FFN(norm(x)) [B, S, D], its balance loss or None); `decoding`: inference on
+        a few tokens, where MoE takes its single-token path (moe_decode)."""
+        if decoding and isinstance(self.ffn, MoE) and x.shape[0] * x.shape[1] <= DECODE_MAX_TOKENS:
+            return moe_decode(self.ffn, self.ffn_norm(x)), None
+        h = self.ffn(self.ffn_norm(x))
+        return h if isinstance(h, tuple) else (h, None)

@@ -34,5 +34,21 @@ class MTPModule(nn.Module):
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache=None, step=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h_prev, emb_next: [B, S, D] -> (h_k [B, S, D] before norm_k, balance loss or None)."""
-        x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.block(x, cos, sin, cache, step)
+        return self.block(self._merge(h_prev, emb_next), cos, sin, cache, step)
+
+    def draft(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
+        """The module as the draft model of self-speculative decoding (generate/decode.py), without its
+        block's attention: h_prev, emb_next [B, D] -> h_k [B, D] before norm_k.
+
+        A draft is only a proposal (the main model verifies it), and h_prev already carries the
+        context: attention over the earlier positions' h'_k re-reads what the main model has read.
+        Without it a draft needs no cache, runs on one position per row instead of the two a verify
+        feeds, and skips a third of the block's work. On the demo's model 95-96% of such drafts were
+        accepted (95% with attention), on a 6 x 512 model trained 6 minutes 91% (95%); speculative
+        decoding ran 1.4-1.8x plain instead of 1.3x on a 2-core CPU (README, Benchmarks)."""
+        x = self._merge(h_prev, emb_next).unsqueeze(1)  # [B, 1, D]: one position per row
+        return (x + self.block.feed_forward(x, decoding=True)[0]).squeeze(1)
+
+    def _merge(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
+        """eq. 21: eh_proj [ enorm(emb) ; hnorm(h) ]: [..., D] -> [..., D]."""
+        return self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))

@@ -6,7 +6,7 @@
     out = model(idx, cache=cache)                 a fresh prefill: idx [B, S] at positions 0..S-1
     out = model(idx, cache=cache, pos=pos, length=T)  tokens idx [B, S] at absolute positions pos [B, S],
                                                   attending to cache positions < T (T > pos.max())
-    h = model.mtp_hidden(...)                     MTP drafts for self-speculative decoding
+    h = model.mtp_draft(h, next_tok)              MTP drafts for self-speculative decoding
 
 Serving many requests from one cache (continuous batching): every cache row is an independent
 sequence. A request joins by a fresh prefill of its slot, `model(prompt[None], cache=cache.narrow(slot),
@@ -139,25 +139,20 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------- decoding API
     def new_cache(self, batch: int, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> LatentCache | KVCache:
-        """A preallocated cache for the main layers and the MTP modules: MLA's latents, or MHA's keys and values."""
+        """A preallocated cache for the main layers (MTP drafts need none): MLA's latents, or MHA's keys and values."""
         cfg = self.cfg
         if cfg.attention == "mha":
-            return KVCache(cfg.n_layer + cfg.mtp_depth, batch, max_len or cfg.block_size, cfg.n_head, cfg.qk_head_dim,
+            return KVCache(cfg.n_layer, batch, max_len or cfg.block_size, cfg.n_head, cfg.qk_head_dim,
                            cfg.v_head_dim, dtype=dtype or self.embed.weight.dtype, device=self.embed.weight.device)
-        return LatentCache(cfg.n_layer + cfg.mtp_depth, batch, max_len or cfg.block_size, cfg.kv_lora_rank,
+        return LatentCache(cfg.n_layer, batch, max_len or cfg.block_size, cfg.kv_lora_rank,
                            cfg.qk_rope_head_dim, dtype=dtype or self.embed.weight.dtype, device=self.embed.weight.device)
 
-    def mtp_hidden(self, h_prev: torch.Tensor, next_idx: torch.Tensor, cache: LatentCache | KVCache, step: CacheStep,
-                   depth: int = 1) -> torch.Tensor:
-        """One MTP depth on the cache: h_prev [B, S, D] (the main model's final-norm hidden, or depth-1's
-        h) at the positions of `step` (CacheStep: explicit positions, or a fresh prefill at 0..S-1),
-        next_idx [B, S] the tokens at pos + depth -> h_depth [B, S, D], before the depth's norm and the
-        shared head, which give the logits for the tokens at pos + depth + 1 (a speculative step picks
-        one row per sequence before paying for the vocab-sized head: generate/draft.py)."""
-        cos, sin = self._rope(h_prev.shape[1], step.pos)
-        h, _ = self.mtp[depth - 1](h_prev, self.embed(next_idx), cos, sin,
-                                   self._layer_cache(cache, self.cfg.n_layer + depth - 1, h_prev.shape[0]), step)
-        return h
+    def mtp_draft(self, h: torch.Tensor, next_idx: torch.Tensor) -> torch.Tensor:
+        """MTP depth 1 as the draft model of self-speculative decoding: h [B, D] the main model's
+        final-norm hidden at a position, next_idx [B] the token after it -> [B, D], before MTP's norm
+        and the shared head, which propose the token after that (generate/draft.py). Without the MTP
+        block's attention, so without a cache (MTPModule.draft says why)."""
+        return self.mtp[0].draft(h, self.embed(next_idx))
 
     def _rope(self, S: int, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [1, S, d_r] for positions 0..S-1, or [B, S, d_r] for explicit positions."""
