@@ -307,7 +307,8 @@ class _Decoder:
     def _verify(self, forward, mtp, tok, draft, q, pos, length):
         """A speculative step's device work. tok [B]: t_{n-1} (unfed) at pos [B]; draft [B]: the
         proposal for t_n, drawn from q [B, V] (None when greedy) -> (accepted [B], first [B]: t_n,
-        bonus [B]: t_{n+1} where accepted, the next draft's logits [B, V])."""
+        bonus [B]: t_{n+1} where accepted, the next draft's logits [B, V], the next unfed token [B]:
+        bonus where accepted, else first)."""
         # The main model on [t_{n-1}, d] at [n-1, n] gives p(t_n) and p(t_{n+1} | d).
         pos2 = torch.stack([pos, pos + 1], dim=1)
         logits, hidden = forward(torch.stack([tok, draft], dim=1), pos2, length)  # [B, 2, V], [B, 2, D]
@@ -324,8 +325,9 @@ class _Decoder:
         bonus, _ = self._choose(logits[:, 1], seen2, k=1)
         # The next draft comes from the last confirmed position: n (h_n, t_{n+1}) if accepted, else
         # n-1 (h_{n-1}, t_n).
-        h = mtp(hidden[self.rows, accepted.long()], torch.where(accepted, bonus, first))  # [B, D]
-        return accepted, first, bonus, self._logits(self.draft(h))
+        nxt = torch.where(accepted, bonus, first)  # [B]
+        h = mtp(hidden[self.rows, accepted.long()], nxt)  # [B, D]
+        return accepted, first, bonus, self._logits(self.draft(h)), nxt
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> Iterator[list[list[int]]]:
@@ -427,8 +429,7 @@ class _Decoder:
                 yield self._accept(new)
                 continue
             draft, q = self._choose(draft_logits, self.seen)
-            accepted, first, bonus, draft_logits = verify(tok, draft, q, pos, length)
-            tok = torch.where(accepted, bonus, first)
+            accepted, first, bonus, draft_logits, tok = verify(tok, draft, q, pos, length)
             pos = (pos + 1 + accepted).clamp_(max=self.block - 2)  # finished rows stay in range
             acc, first_l, bonus_l = torch.stack([accepted, first, bonus]).tolist()
             n_acc = sum(a and b for a, b in zip(acc, active))
