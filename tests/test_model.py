@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from storyseek.model import CacheStep, ModelConfig, Transformer, get_preset, mla
+from storyseek.model import ModelConfig, Transformer, get_preset, mla
 from storyseek.model.info import cache_bytes_per_token, count_parameters
 from storyseek.model.linear import set_weight_major_rows
 from storyseek.model.moe import MoE, moe_decode
